@@ -1,0 +1,104 @@
+"""Per-token log-probabilities and entropies from logits, in bounded memory.
+
+Notation: N rows (N = B*G responses, or a micro-batch of them), T response tokens, V vocabulary.
+
+A (N, T, V) logits tensor for a 7B model with a 150k vocabulary is tens of GiB in fp32, so these
+functions never build a second full log-softmax tensor: they gather the token's logit and subtract
+a logsumexp, optionally a chunk of T positions at a time (peak extra memory N * chunk * V floats).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+_FLOOR = torch.finfo(torch.float32).min
+
+
+def _check_chunk_size(chunk_size: int | None, T: int) -> int:
+    """Resolve ``chunk_size`` (None = all of T at once) and reject non-positive values."""
+    if chunk_size is None:
+        return max(T, 1)
+    if chunk_size < 1:
+        raise ValueError(
+            f"maye_pl/rl/logprobs.py: chunk_size={chunk_size} must be a positive int or None; "
+            "pass None to process all T positions at once."
+        )
+    return chunk_size
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(
+            f"maye_pl/rl/logprobs.py: temperature={temperature} must be > 0; score with the "
+            "sampling temperature of the rollout (SamplingConfig.temperature)."
+        )
+
+
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
+    """Log-probability of each given token under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: (N, T, V) float of any dtype; position t scores ``token_ids[:, t]`` (the caller
+            has already shifted logits by one against the input ids).
+        token_ids: (N, T) long.
+        temperature: the sampling temperature; the policy being optimised is the tempered one.
+        chunk_size: process this many positions of T at a time (None = all at once). Each chunk
+            is upcast to fp32 on its own, so peak extra memory is N * chunk_size * V fp32 values.
+
+    Returns:
+        (N, T) fp32 log p(token_ids[n, t]); differentiable w.r.t. ``logits``.
+    """
+    if logits.dim() != 3 or token_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"maye_pl/rl/logprobs.py token_logprobs: logits shape {tuple(logits.shape)} must be "
+            f"(N, T, V) and token_ids shape {tuple(token_ids.shape)} must be its (N, T)."
+        )
+    _check_temperature(temperature)
+    step = _check_chunk_size(chunk_size, logits.shape[1])
+    out = []
+    for start in range(0, logits.shape[1], step):
+        chunk = logits[:, start : start + step].float() / temperature  # (N, t, V)
+        ids = token_ids[:, start : start + step].unsqueeze(-1)  # (N, t, 1)
+        picked = chunk.gather(-1, ids).squeeze(-1)  # (N, t)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))  # (N, t)
+    if not out:
+        return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
+    return torch.cat(out, dim=1)  # (N, T)
+
+
+def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """True entropy ``H = -sum_v p_v log p_v`` of the full tempered distribution at each position.
+
+    MAYE logs ``-p log p`` of the sampled token only and calls it entropy; that is one term of the
+    sum and depends on which token was sampled. This is the entropy of the whole distribution.
+
+    Args:
+        logits: (N, T, V) float of any dtype.
+        temperature: softmax temperature.
+        chunk_size: positions of T per chunk (None = all at once); peak extra memory is a few
+            N * chunk_size * V fp32 tensors.
+
+    Returns:
+        (N, T) fp32 entropy in nats.
+    """
+    if logits.dim() != 3:
+        raise ValueError(
+            f"maye_pl/rl/logprobs.py token_entropy: logits shape {tuple(logits.shape)} must be (N, T, V)."
+        )
+    _check_temperature(temperature)
+    step = _check_chunk_size(chunk_size, logits.shape[1])
+    out = []
+    for start in range(0, logits.shape[1], step):
+        # A finite floor keeps masked (-inf) logits from turning p * z into 0 * -inf = nan.
+        chunk = (logits[:, start : start + step].float() / temperature).clamp(min=_FLOOR)  # (N, t, V)
+        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)  # (N, t, 1)
+        p = torch.exp(chunk - lse)  # (N, t, V)
+        # H = lse - sum_v p_v * z_v, since log p_v = z_v - lse and sum_v p_v = 1.
+        out.append(lse.squeeze(-1) - (p * chunk).sum(-1))  # (N, t)
+    if not out:
+        return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
+    return torch.cat(out, dim=1)  # (N, T)
