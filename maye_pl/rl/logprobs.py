@@ -70,7 +70,9 @@ def token_logprobs(
     return torch.cat(out, dim=1)  # (N, T)
 
 
-def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+def token_entropy(
+    logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
     """True entropy ``H = -sum_v p_v log p_v`` of the full tempered distribution at each position.
 
     MAYE logs ``-p log p`` of the sampled token only and calls it entropy; that is one term of the
@@ -79,7 +81,7 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
     Args:
         logits: (N, T, V) float of any dtype.
         temperature: softmax temperature.
-        chunk_size: positions of T per chunk (None = all at once); peak extra memory is a few
+        chunk_size: positions of T per chunk (None = all at once); peak extra memory is three
             N * chunk_size * V fp32 tensors.
 
     Returns:
@@ -87,18 +89,19 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
     """
     if logits.dim() != 3:
         raise ValueError(
-            f"maye_pl/rl/logprobs.py token_entropy: logits shape {tuple(logits.shape)} must be (N, T, V)."
+            f"maye_pl/rl/logprobs.py token_entropy: logits shape {tuple(logits.shape)} must be "
+            "(N, T, V)."
         )
     _check_temperature(temperature)
     step = _check_chunk_size(chunk_size, logits.shape[1])
     out = []
     for start in range(0, logits.shape[1], step):
-        # A finite floor keeps masked (-inf) logits from turning p * z into 0 * -inf = nan.
-        chunk = (logits[:, start : start + step].float() / temperature).clamp(min=_FLOOR)  # (N, t, V)
-        lse = torch.logsumexp(chunk, dim=-1, keepdim=True)  # (N, t, 1)
-        p = torch.exp(chunk - lse)  # (N, t, V)
-        # H = lse - sum_v p_v * z_v, since log p_v = z_v - lse and sum_v p_v = 1.
-        out.append(lse.squeeze(-1) - (p * chunk).sum(-1))  # (N, t)
+        # A finite floor keeps masked (-inf) logits from turning p * log p into 0 * -inf = nan.
+        chunk = logits[:, start : start + step].float() / temperature  # (N, t, V)
+        chunk = chunk.clamp(min=_FLOOR)
+        # log p directly (not lse - sum p*z, which cancels when the entropy is near 0).
+        log_p = chunk - torch.logsumexp(chunk, dim=-1, keepdim=True)  # (N, t, V)
+        out.append(-(log_p.exp() * log_p).sum(-1))  # (N, t)
     if not out:
         return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
     return torch.cat(out, dim=1)  # (N, T)
