@@ -1,0 +1,189 @@
+"""The DataModule: validated MAYE splits → batches of prompts (question, image, golden answer).
+
+A batch is a plain ``list[dict]`` (one dict per prompt), not tensors: the rollout engine wants the
+prompt text and the PIL image, and the trainer runs the processor itself once responses exist.
+Images are loaded and converted to RGB in ``__getitem__`` (so DataLoader workers do the decoding)
+at their file size; the processor resizes them to its pixel bounds later, identically for the
+engine and the trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoProcessor
+
+from maye_pl.data.jsonl import DatasetError, Sample, load_splits
+from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
+
+
+class MayeDataset(Dataset):
+    """Validated samples of one split; item i is a dict with the image loaded as PIL RGB."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        try:
+            with Image.open(sample.image_path) as image:
+                rgb = image.convert("RGB")
+        except Exception as exc:  # validated at setup, so the file changed or decodes badly
+            raise DatasetError([
+                f"{sample.source}: image: unreadable image ({sample.image_path}:"
+                f" {type(exc).__name__}: {exc}) — re-export it as PNG or JPEG"
+            ]) from exc
+        return {"id": sample.id, "question": sample.question, "answer": sample.answer,
+                "solution": sample.solution, "source": sample.source, "image": rgb}
+
+
+class PromptCollator:
+    """Collate function: adds each item's ``prompt`` text, with exactly one image placeholder.
+
+    A class rather than a closure so DataLoader workers started with ``spawn`` can pickle it.
+    """
+
+    def __init__(self, processor: Any, prompt_style: str):
+        self.processor = processor
+        self.prompt_style = prompt_style
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        batch = []
+        for item in items:
+            prompt = render_prompt(self.processor, item["question"], self.prompt_style)
+            count = prompt.count(self.processor.image_token)
+            if count != 1:
+                fix = ("remove that token from the question text" if count > 1 else
+                       "use a processor whose chat template renders {'type': 'image'} parts")
+                raise ValueError(
+                    f"{item['source']}: question: the {self.prompt_style!r} prompt holds {count}"
+                    f" image placeholders ({self.processor.image_token!r}) but the sample has 1"
+                    f" image — {fix}"
+                )
+            batch.append({**item, "prompt": prompt})
+        return batch
+
+
+class MayeDataModule(L.LightningDataModule):
+    """MAYE jsonl splits as Lightning dataloaders of prompt batches.
+
+    Every line of every configured split is validated once, in the first ``setup()`` (before any
+    training step); all problems of all splits are raised together as one ``DatasetError``.
+    Training batches are shuffled and the last incomplete batch is dropped (every step sees
+    ``batch_size`` prompts per rank); under DDP/FSDP Lightning swaps in a ``DistributedSampler``
+    (``Trainer(use_distributed_sampler=True)``, the default) seeded from ``seed_everything``.
+    Val/test keep file order and every sample.
+    """
+
+    def __init__(
+        self,
+        train_path: str | Path,
+        val_path: str | Path | None = None,
+        test_path: str | Path | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        prompt_style: str = "cot",
+        processor_path: str | Path | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+    ):
+        """
+        Args:
+            train_path: Training split, a MAYE jsonl file (image paths relative to its directory).
+            val_path: Validation split (jsonl); None for no validation set.
+            test_path: Test split (jsonl); None for no test set.
+            batch_size: Prompts per rank per training step (MAYE: 128 per rank).
+            eval_batch_size: Prompts per rank per validation/test batch.
+            prompt_style: "cot" (MAYE's chat chain-of-thought prompt) or "zero_shot" (MAYE's
+                R1-Zero style raw-text prompt, no chat template).
+            processor_path: Directory of the HF processor (the model's directory; the CLI links
+                it from the model path).
+            num_workers: DataLoader worker processes (image decoding happens there).
+            max_train_samples: Use only the first N training samples (None: all); for demos.
+            max_eval_samples: Use only the first N samples of each eval split (None: all).
+        """
+        super().__init__()
+        problems = []
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                problems.append(f"`data.{name}`={value} must be at least 1; give a positive size")
+        if prompt_style not in PROMPT_STYLES:
+            problems.append(f"`data.prompt_style`={prompt_style!r} is not a known prompt style;"
+                            f" use one of {sorted(PROMPT_STYLES)}")
+        if processor_path is None:
+            problems.append("`data.processor_path` is not set; give the model's directory (the CLI"
+                            " links it from the model's path)")
+        if num_workers < 0:
+            problems.append(f"`data.num_workers`={num_workers} must be >= 0; use 0 for no workers")
+        for name, value in (("max_train_samples", max_train_samples),
+                            ("max_eval_samples", max_eval_samples)):
+            if value is not None and value < 1:
+                problems.append(f"`data.{name}`={value} must be at least 1; use null for all samples")
+        if problems:
+            raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+
+        self.paths = {name: Path(path) for name, path in
+                      (("train", train_path), ("val", val_path), ("test", test_path)) if path}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.prompt_style = prompt_style
+        self.processor_path = Path(processor_path)
+        self.num_workers = num_workers
+        self.limits = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
+        self.datasets: dict[str, MayeDataset] | None = None
+        self.processor: Any = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Validate every configured split (once) and load the processor."""
+        if self.datasets is not None:
+            return
+        if not self.processor_path.is_dir():
+            raise FileNotFoundError(
+                f"`data.processor_path`={str(self.processor_path)!r} is not a directory; point it at"
+                " the model directory holding the processor files"
+            )
+        splits = load_splits(self.paths)
+        self.processor = AutoProcessor.from_pretrained(self.processor_path)
+        self.datasets = {name: MayeDataset(samples[: self.limits[name]])
+                         for name, samples in splits.items()}
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | list:
+        if self.datasets is None:
+            raise RuntimeError("MayeDataModule: call setup() before asking for dataloaders")
+        if split not in self.datasets:
+            return []  # Lightning runs no loop for an empty list of dataloaders
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=PromptCollator(self.processor, self.prompt_style),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of ``batch_size`` prompts; the incomplete tail is dropped."""
+        loader = self._loader("train", self.batch_size, train=True)
+        if len(loader) == 0:
+            raise ValueError(
+                f"`data.batch_size`={self.batch_size} exceeds the {len(self.datasets['train'])}"
+                f" training samples of {self.paths['train']}, so an epoch has no full batch;"
+                " lower the batch size or add samples"
+            )
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in file order (an empty list when no ``val_path``)."""
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test batches in file order (an empty list when no ``test_path``)."""
+        return self._loader("test", self.eval_batch_size, train=False)
