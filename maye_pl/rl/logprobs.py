@@ -47,7 +47,9 @@ def token_logprobs(
         token_ids: (N, T) long.
         temperature: the sampling temperature; the policy being optimised is the tempered one.
         chunk_size: process this many positions of T at a time (None = all at once). Each chunk
-            is upcast to fp32 on its own, so peak extra memory is N * chunk_size * V fp32 values.
+            is upcast to fp32 on its own, so under ``torch.no_grad`` (old/ref log-probs) peak
+            extra memory is N * chunk_size * V fp32 values. With grad, autograd keeps every
+            chunk's fp32 copy for logsumexp's backward: N * T * V fp32 in total, chunked or not.
 
     Returns:
         (N, T) fp32 log p(token_ids[n, t]); differentiable w.r.t. ``logits``.
