@@ -20,7 +20,8 @@ def _naive_entropy(logits, temperature):
 
 
 def test_hand_computed_two_token_vocab():
-    # logits [0, ln 3] -> p = [1/4, 3/4]; at T=2 logits/2 = [0, ln sqrt(3)] -> p1 = sqrt(3)/(1+sqrt(3))
+    # logits [0, ln 3] -> p = [1/4, 3/4];
+    # at T=2 logits/2 = [0, ln sqrt(3)] -> p1 = sqrt(3)/(1+sqrt(3))
     logits = torch.tensor([[[0.0, math.log(3.0)]]])  # (1, 1, 2)
     ids = torch.tensor([[1]])
     assert token_logprobs(logits, ids).item() == pytest.approx(math.log(0.75), abs=1e-6)
@@ -63,7 +64,7 @@ def test_bf16_logits_computed_in_fp32_and_gradient_matches():
 
 
 def test_entropy_with_masked_vocab_is_finite():
-    # -inf logits (a masked vocabulary entry) have p = 0 and contribute nothing: H([1/2, 1/2, 0]) = ln 2
+    # -inf logits (a masked vocabulary entry) have p = 0 and add nothing: H([1/2, 1/2, 0]) = ln 2
     logits = torch.tensor([[[1.0, 1.0, -float("inf")]]])
     assert token_entropy(logits).item() == pytest.approx(math.log(2.0), abs=1e-6)
 
