@@ -86,8 +86,8 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _check_record(record: dict[str, Any], where: str, base_dir: Path) -> list[str]:
-    """Problems of one parsed line (empty when the line is a valid sample)."""
+def _check_fields(record: dict[str, Any], where: str) -> list[str]:
+    """Problems of the five fields' presence and types."""
     problems = []
     for name in REQUIRED_FIELDS:
         if name not in record:
@@ -106,38 +106,55 @@ def _check_record(record: dict[str, Any], where: str, base_dir: Path) -> list[st
             )
         elif not value.strip():
             problems.append(f"{where}: {name}: empty string ({_short(value)}) — give it a value")
-    if problems:
-        return problems
+    return problems
 
-    image = record["image"]
+
+def _check_image_field(image: str, where: str, base_dir: Path) -> list[str]:
     image_path = base_dir / image
     if Path(image).is_absolute():
-        problems.append(
+        return [
             f"{where}: image: absolute path ({_short(image)}) — MAYE image paths are relative to"
             f" the jsonl's directory {base_dir}; make it relative"
-        )
-    elif not image_path.is_file():
-        problems.append(
+        ]
+    if not image_path.is_file():
+        return [
             f"{where}: image: file not found ({_short(image)}, looked at {image_path}) — place the"
             " image there or fix the path (relative to the jsonl's directory)"
-        )
-    elif (reason := _check_image(image_path)) is not None:
-        problems.append(
+        ]
+    if (reason := _check_image(image_path)) is not None:
+        return [
             f"{where}: image: unreadable image ({_short(image)}: {reason}) — re-export it as"
             " PNG or JPEG"
-        )
+        ]
+    return []
 
-    placeholders = record["question"].count(IMAGE_PLACEHOLDER)
+
+def _check_question(question: str, where: str) -> list[str]:
+    placeholders = question.count(IMAGE_PLACEHOLDER)
     if placeholders == 0:
-        problems.append(
-            f"{where}: question: no {IMAGE_PLACEHOLDER} placeholder ({_short(record['question'])})"
+        return [
+            f"{where}: question: no {IMAGE_PLACEHOLDER} placeholder ({_short(question)})"
             f" — mark the figure's place with {IMAGE_PLACEHOLDER}, e.g. at the start"
-        )
-    elif placeholders > 1:
-        problems.append(
+        ]
+    if placeholders > 1:
+        return [
             f"{where}: question: {placeholders} {IMAGE_PLACEHOLDER} placeholders but 1 image"
-            f" ({_short(record['question'])}) — keep exactly one {IMAGE_PLACEHOLDER}"
-        )
+            f" ({_short(question)}) — keep exactly one {IMAGE_PLACEHOLDER}"
+        ]
+    return []
+
+
+def _check_record(record: dict[str, Any], where: str, base_dir: Path) -> list[str]:
+    """Problems of one parsed line (empty when the line is a valid sample)."""
+    problems = _check_fields(record, where)
+
+    def usable(name: str) -> bool:  # present, a string and non-empty: its content can be checked
+        return isinstance(record.get(name), str) and bool(record[name].strip())
+
+    if usable("image"):
+        problems += _check_image_field(record["image"], where, base_dir)
+    if usable("question"):
+        problems += _check_question(record["question"], where)
     return problems
 
 
