@@ -1,0 +1,140 @@
+"""Loading a vision-language policy, freezing its parts, and the token ids generation must respect.
+
+Qwen2-VL and Qwen2.5-VL in transformers 5 share one layout, which ``freeze_modules`` relies on::
+
+    Qwen2_5_VLForConditionalGeneration
+      model.visual            the ViT: patch_embed, blocks (+ parameter-free rotary_pos_emb)
+        model.visual.merger   the connector: 2x2 patch merge + MLP into the LLM's hidden size
+      model.language_model    the LLM decoder
+      lm_head                 the LLM's output projection
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+# The dtypes a policy may be loaded in, by the names configs use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Qwen-VL tokens that only the processor may place: a sampled one makes the trainer's forward fail
+# ("Image features and image tokens do not match") or re-reads an image that is not there.
+VISION_SPECIAL_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a ``torch.dtype`` passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"model dtype={dtype!r} is not one of {sorted(DTYPES)}; pick one of those.")
+    return DTYPES[dtype]
+
+
+def load_policy(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """Load an HF vision-language model for image-text-to-text (e.g. Qwen2.5-VL) on the CPU.
+
+    Args:
+        path: a local checkpoint directory (or hub id, if the machine has the files cached).
+        dtype: parameter dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        attn_implementation: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"`` (GPU only).
+
+    Returns:
+        The model in train mode (the caller moves and wraps it).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+    )
+    model.train()
+    return model
+
+
+def load_processor(path: str | os.PathLike):
+    """The checkpoint's processor (tokenizer + image processor + chat template)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def _parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split the parameters into vit / connector / llm (see the module docstring for the layout)."""
+    inner = getattr(model, "model", None)
+    visual = getattr(inner, "visual", None)
+    connector = getattr(visual, "merger", None)
+    language_model = getattr(inner, "language_model", None)
+    lm_head = getattr(model, "lm_head", None)
+    if visual is None or connector is None or language_model is None or lm_head is None:
+        raise TypeError(
+            f"freeze_modules: {type(model).__name__} lacks the Qwen-VL layout model.visual, "
+            "model.visual.merger, model.language_model, lm_head; freeze its parameters by name "
+            "instead, or load a Qwen2-VL / Qwen2.5-VL checkpoint."
+        )
+    connector_ids = {id(p) for p in connector.parameters()}
+    return {
+        "vit": [p for p in visual.parameters() if id(p) not in connector_ids],
+        "connector": list(connector.parameters()),
+        "llm": [*language_model.parameters(), *lm_head.parameters()],
+    }
+
+
+def freeze_modules(model: nn.Module, *, train_vit: bool, train_connector: bool, train_llm: bool) -> dict[str, int]:
+    """Set ``requires_grad`` per part: ViT, connector (``visual.merger``), LLM (+ ``lm_head``).
+
+    MAYE trains the LLM only (ViT and connector frozen).
+
+    Returns:
+        Trainable parameter count per part, e.g. ``{"vit": 0, "connector": 0, "llm": 494032768}``.
+    """
+    if not (train_vit or train_connector or train_llm):
+        raise ValueError(
+            "model.train_vit, model.train_connector and model.train_llm are all False: nothing would "
+            "train; set at least one to True (MAYE trains the LLM only: train_llm=True)."
+        )
+    wanted = {"vit": train_vit, "connector": train_connector, "llm": train_llm}
+    parts = _parts(model)
+    for name, params in parts.items():
+        for param in params:
+            param.requires_grad_(wanted[name])
+    return {name: sum(p.numel() for p in params) if wanted[name] else 0 for name, params in parts.items()}
+
+
+def stop_token_ids(generation_config, tokenizer) -> list[int]:
+    """Token ids that end a response: the generation config's ``eos_token_id`` (int or list) and
+    the tokenizer's eos, in that order, without duplicates.
+
+    For Qwen2.5-VL Instruct this is ``[<|im_end|>, <|endoftext|>]``.
+    """
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if isinstance(configured, int):
+        configured = [configured]
+    for token_id in [*(configured or []), tokenizer.eos_token_id]:
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    if not ids:
+        raise ValueError(
+            "stop_token_ids: neither generation_config.json's eos_token_id nor the tokenizer's "
+            "eos_token is set; set eos_token_id in the checkpoint's generation_config.json."
+        )
+    return ids
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of the vision special tokens this tokenizer has (``VISION_SPECIAL_TOKENS``)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in VISION_SPECIAL_TOKENS if token in vocab]
