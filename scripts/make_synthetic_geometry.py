@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--n-train", type=int, default=256, help="training samples")
     parser.add_argument("--n-val", type=int, default=64, help="validation samples")
     parser.add_argument("--n-test", type=int, default=64, help="test samples")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (same seed, same bytes)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed (same bytes)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep an existing directory generated with the same arguments")
     args = parser.parse_args(argv)

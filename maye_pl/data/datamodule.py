@@ -126,7 +126,8 @@ class MayeDataModule(L.LightningDataModule):
         for name, value in (("max_train_samples", max_train_samples),
                             ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
-                problems.append(f"`data.{name}`={value} must be at least 1; use null for all samples")
+                problems.append(
+                    f"`data.{name}`={value} must be at least 1; use null for all samples")
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
 
@@ -137,7 +138,8 @@ class MayeDataModule(L.LightningDataModule):
         self.prompt_style = prompt_style
         self.processor_path = Path(processor_path)
         self.num_workers = num_workers
-        self.limits = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
+        self.limits = {"train": max_train_samples, "val": max_eval_samples,
+                       "test": max_eval_samples}
         self.datasets: dict[str, MayeDataset] | None = None
         self.processor: Any = None
 
@@ -147,8 +149,8 @@ class MayeDataModule(L.LightningDataModule):
             return
         if not self.processor_path.is_dir():
             raise FileNotFoundError(
-                f"`data.processor_path`={str(self.processor_path)!r} is not a directory; point it at"
-                " the model directory holding the processor files"
+                f"`data.processor_path`={str(self.processor_path)!r} is not a directory; point it"
+                " at the model directory holding the processor files"
             )
         splits = load_splits(self.paths)
         self.processor = AutoProcessor.from_pretrained(self.processor_path)

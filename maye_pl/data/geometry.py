@@ -1,4 +1,4 @@
-"""Synthetic vision-dominant geometry problems in the MAYE jsonl format (the demo's and tests' data).
+"""Synthetic vision-dominant geometry problems in MAYE jsonl format (the demo's and tests' data).
 
 "Vision-dominant": every number the solver needs is drawn in the figure only; the question text
 holds none ("Find the length of the hypotenuse of the right triangle in the figure."), so a
@@ -72,7 +72,10 @@ def _fit(points: list[tuple[float, float]], margin: int = MARGIN) -> list[tuple[
     return [(x * scale + dx, dy - y * scale) for x, y in points]
 
 
-def _offset(point: tuple[float, float], toward: tuple[float, float], dist: float) -> tuple[float, float]:
+Point = tuple[float, float]
+
+
+def _offset(point: Point, toward: Point, dist: float) -> Point:
     """``point`` moved ``dist`` pixels toward ``toward`` (negative: away from it)."""
     vx, vy = toward[0] - point[0], toward[1] - point[1]
     norm = math.hypot(vx, vy) or 1.0
@@ -174,7 +177,8 @@ CIRCLE_AREA = _Kind(
     pool=_radii,
     answer=lambda r: _pi_multiple(r * r),
     solution=lambda r: (
-        f"The radius is {r}, so the area is $\\pi r^2 = \\pi \\times {r}^2 = {_pi_multiple(r * r)}$. "
+        f"The radius is {r}, so the area is "
+        f"$\\pi r^2 = \\pi \\times {r}^2 = {_pi_multiple(r * r)}$. "
         f"The answer is $\\boxed{{{_pi_multiple(r * r)}}}$."
     ),
     draw=_draw_circle,
@@ -361,7 +365,7 @@ def ensure_geometry_dataset(
               for key, value in wanted.items() if found.get(key) != value]
     if differ:
         raise ValueError(
-            f"{manifest_path}: the set there was generated with other arguments ({'; '.join(differ)});"
-            f" delete {out_dir} to regenerate it, or pick another out_dir"
+            f"{manifest_path}: the set there was generated with other arguments"
+            f" ({'; '.join(differ)}); delete {out_dir} to regenerate it, or pick another out_dir"
         )
     return _split_paths(out_dir, counts)

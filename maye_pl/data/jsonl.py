@@ -33,7 +33,7 @@ REQUIRED_FIELDS = ("id", "question", "answer", "solution", "image")
 
 
 class DatasetError(ValueError):
-    """Every problem found in one or more splits, one ``path:line: field: problem — fix`` per line."""
+    """Every problem found in one or more splits, one ``path:line: field: problem — fix`` each."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
@@ -62,7 +62,7 @@ class Sample:
     """Keys beyond the five MAYE fields, kept verbatim."""
 
     def to_record(self, jsonl_dir: str | Path) -> dict[str, Any]:
-        """The jsonl object this sample came from, with ``image`` relative to ``jsonl_dir`` again."""
+        """The jsonl object this sample came from, ``image`` relative to ``jsonl_dir`` again."""
         image = self.image_path.relative_to(Path(jsonl_dir).resolve()).as_posix()
         core = {"question": self.question, "answer": self.answer, "solution": self.solution,
                 "id": self.id, "image": image}
