@@ -22,6 +22,10 @@ METRICS_FILENAME = "metrics.jsonl"
 _ROW_KEYS = ("step", "epoch")
 
 
+def _storage(value: Tensor) -> int:
+    return value.untyped_storage().data_ptr()
+
+
 class MetricsFileCallback(pl.Callback):
     """Appends the newly logged scalar metrics to `<run_dir>/metrics.jsonl` on global rank 0.
 
@@ -48,7 +52,7 @@ class MetricsFileCallback(pl.Callback):
 
     Each row is appended and flushed (file reopened in append mode), so a crash loses at most the
     row being written; `read_metrics` ignores a half-written last line. A resumed run appending to
-    an existing metrics.jsonl continues it. NaN/inf are written as JSON NaN/Infinity (Python's json).
+    an existing metrics.jsonl continues it. NaN/inf are written as NaN/Infinity (Python's json).
     """
 
     def __init__(self) -> None:
@@ -67,15 +71,21 @@ class MetricsFileCallback(pl.Callback):
         run_dir = trainer.log_dir  # a collective: every rank must read it
         if run_dir is None:
             raise ValueError(
-                f"MetricsFileCallback: trainer.log_dir is None (logger {type(trainer.loggers[0]).__name__} has no "
-                "save_dir); give the logger a save_dir so metrics.jsonl has a run directory."
+                f"MetricsFileCallback: trainer.log_dir is None (logger "
+                f"{type(trainer.loggers[0]).__name__} has no save_dir); give the logger a save_dir "
+                "so metrics.jsonl has a run directory."
             )
         self.run_dir = str(run_dir)
         if trainer.is_global_zero:
             os.makedirs(self.run_dir, exist_ok=True)
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         self._write_new(trainer, epoch=trainer.current_epoch)
 
@@ -107,7 +117,7 @@ class MetricsFileCallback(pl.Callback):
                 continue
             last = self._last_written.get(name)
             # Lightning hands out a fresh .detach() view per read: compare storage, not objects.
-            if last is not None and last.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+            if last is not None and _storage(last) == _storage(value):
                 continue
             self._last_written[name] = value
             new[name] = value.item()
@@ -117,11 +127,15 @@ class MetricsFileCallback(pl.Callback):
         if not trainer.is_global_zero:
             return
         if self.path is None:
-            raise RuntimeError("MetricsFileCallback: a hook ran before setup; register the callback on the Trainer.")
+            raise RuntimeError(
+                "MetricsFileCallback: a hook ran before setup; register the callback on the "
+                "Trainer."
+            )
         metrics = self._new_metrics(trainer)
         if not metrics:
             return
-        row = {"step": int(trainer.global_step), "epoch": int(epoch), **dict(sorted(metrics.items()))}
+        row = {"step": int(trainer.global_step), "epoch": int(epoch)}
+        row.update(sorted(metrics.items()))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -136,12 +150,14 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     path = os.path.join(run_dir, METRICS_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path}: no {METRICS_FILENAME}; is {run_dir!r} a maye_pl run directory (MetricsFileCallback's run_dir)?"
+            f"{path}: no {METRICS_FILENAME}; is {run_dir!r} a maye_pl run directory "
+            "(MetricsFileCallback's run_dir)?"
         )
     with open(path, encoding="utf-8") as f:
         text = f.read()
     lines = text.split("\n")
-    cut_last = not text.endswith("\n")  # the final element is an unterminated line (or "" for an empty file)
+    # Without a final newline the last element is an unterminated line ("" for an empty file).
+    cut_last = not text.endswith("\n")
     rows = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -152,10 +168,15 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if is_cut:
                 break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); the file is corrupt, fix or drop the line.")
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not isinstance(row.get("epoch"), int):
             raise ValueError(
-                f"{path}:{lineno}: a row must be a JSON object with integer 'step' and 'epoch', got {line[:80]!r}."
+                f"{path}:{lineno}: not valid JSON ({err.msg}); the file is corrupt, fix or drop "
+                "the line."
+            ) from err
+        is_row = isinstance(row, dict) and all(isinstance(row.get(k), int) for k in _ROW_KEYS)
+        if not is_row:
+            raise ValueError(
+                f"{path}:{lineno}: a row must be a JSON object with integer 'step' and 'epoch', "
+                f"got {line[:80]!r}."
             )
         rows.append(row)
     return rows

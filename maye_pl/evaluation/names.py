@@ -1,4 +1,7 @@
-"""Metric names shared by the trainer (writer) and `maye_pl report` (reader); see the package docstring."""
+"""Metric names shared by the trainer (writer) and `maye_pl report` (reader).
+
+Definitions: the table in the maye_pl.evaluation package docstring.
+"""
 
 GENERATION_STEP = "generation_step"
 """Rollout batches generated so far (x axis of the per-step figures)."""

@@ -31,7 +31,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """
     for name, value in (("n", n), ("c", c), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"pass_at_k: {name}={value!r} must be an int; pass sample counts, not rates.")
+            raise TypeError(
+                f"pass_at_k: {name}={value!r} must be an int; pass sample counts, not rates."
+            )
         if value < 0:
             raise ValueError(f"pass_at_k: {name}={value} must be >= 0; counts cannot be negative.")
     if k < 1:
@@ -39,7 +41,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if k > n:
         raise ValueError(f"pass_at_k: k={k} must be <= n={n}; draw at least k samples per prompt.")
     if c > n:
-        raise ValueError(f"pass_at_k: c={c} must be <= n={n}; more correct samples than drawn samples.")
+        raise ValueError(f"pass_at_k: c={c} must be <= n={n}; more correct than drawn samples.")
     if n - c < k:
         # Every k-subset contains a correct sample.
         return 1.0
@@ -56,7 +58,7 @@ def _format_float(value: float) -> str:
 
 @dataclass(frozen=True)
 class EvalSetting:
-    """One way of scoring an evaluation set: k samples per prompt at a sampling temperature/top_p."""
+    """One way of scoring an evaluation set: k samples per prompt at a temperature and top_p."""
 
     k: int
     """Samples per prompt; the metric is pass@k (k=1: plain accuracy of one sample)."""
@@ -94,7 +96,9 @@ def PAPER_EVAL_SETTINGS() -> list[EvalSetting]:  # noqa: N802 - named as the con
 
 
 def metric_name(split: str, setting: EvalSetting) -> str:
-    """The logged metric name of `setting` on `split`, e.g. 'val/pass@8_t1.0', 'test/pass@1_t0.01'."""
+    """The logged name of `setting` on `split`: 'val/pass@8_t1.0', 'test/pass@1_t0.01', ..."""
     if split not in SPLITS:
-        raise ValueError(f"metric_name: split={split!r} must be one of {SPLITS}; the report reads only these.")
+        raise ValueError(
+            f"metric_name: split={split!r} must be one of {SPLITS}; the report reads only these."
+        )
     return f"{split}/{setting.name}"

@@ -60,7 +60,9 @@ RATIO_KEYS: tuple[str, ...] = (
 WORD_COUNT_PREFIX = "word_count/"
 
 _WORD_PATTERNS = {
-    word: re.compile(r"(?<![a-z])" + r"\s+".join(map(re.escape, word.split())) + r"(?![a-z])", re.IGNORECASE)
+    word: re.compile(
+        r"(?<![a-z])" + r"\s+".join(map(re.escape, word.split())) + r"(?![a-z])", re.IGNORECASE
+    )
     for word in REFLECTION_WORDS
 }
 
@@ -126,15 +128,18 @@ def ratios_from_counts(counts: dict[str, float]) -> dict[str, float]:
     Returns:
         RATIO_KEYS in order, each 0.0 when its denominator is 0, then every "word_count/<word>"
         passed through unchanged.
-          reflection_ratio                      = n_reflective / n_texts
-          reflection_ratio_in_correct_answers   = n_reflective_correct / n_correct
-          reflection_ratio_in_incorrect_answers = (n_reflective - n_reflective_correct) / (n_texts - n_correct)
-          correct_ratio_in_reflection_texts     = n_reflective_correct / n_reflective
-          correct_ratio_in_no_reflection_texts  = (n_correct - n_reflective_correct) / (n_texts - n_reflective)
+        With R = n_reflective, RC = n_reflective_correct, N = n_texts, C = n_correct:
+          reflection_ratio                      = R / N
+          reflection_ratio_in_correct_answers   = RC / C
+          reflection_ratio_in_incorrect_answers = (R - RC) / (N - C)
+          correct_ratio_in_reflection_texts     = RC / R
+          correct_ratio_in_no_reflection_texts  = (C - RC) / (N - R)
     """
     missing = [key for key in COUNT_KEYS if key not in counts]
     if missing:
-        raise KeyError(f"ratios_from_counts: counts lack {missing}; pass the output of reflection_counts (summed).")
+        raise KeyError(
+            f"ratios_from_counts: counts lack {missing}; pass reflection_counts output (summed)."
+        )
     n, n_correct = counts["n_texts"], counts["n_correct"]
     n_refl, n_refl_correct = counts["n_reflective"], counts["n_reflective_correct"]
     ratios = {
@@ -144,7 +149,7 @@ def ratios_from_counts(counts: dict[str, float]) -> dict[str, float]:
         "correct_ratio_in_reflection_texts": _ratio(n_refl_correct, n_refl),
         "correct_ratio_in_no_reflection_texts": _ratio(n_correct - n_refl_correct, n - n_refl),
     }
-    ratios.update({key: value for key, value in counts.items() if key.startswith(WORD_COUNT_PREFIX)})
+    ratios.update({k: v for k, v in counts.items() if k.startswith(WORD_COUNT_PREFIX)})
     return ratios
 
 

@@ -33,7 +33,12 @@ from statistics import fmean
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from maye_pl.evaluation.names import GENERATION_STEP, REFLECTION_PREFIX, RESPONSE_LENGTH_MEAN, TRAIN_ACCURACY_EPOCH
+from maye_pl.evaluation.names import (
+    GENERATION_STEP,
+    REFLECTION_PREFIX,
+    RESPONSE_LENGTH_MEAN,
+    TRAIN_ACCURACY_EPOCH,
+)
 from maye_pl.evaluation.passk import PAPER_EVAL_SETTINGS, SPLITS, metric_name
 from maye_pl.evaluation.reflection import RATIO_KEYS, REFLECTION_WORDS, WORD_COUNT_PREFIX
 from maye_pl.evaluation.runs import (
@@ -50,9 +55,14 @@ from maye_pl.evaluation.runs import (
 )
 
 STATISTICS = ("vanilla", "mean", "max", "max_gain_pct")
-_STAT_TITLES = {"vanilla": "Vanilla", "mean": "Mean", "max": "Max", "max_gain_pct": "Max gain over Vanilla (%)"}
+_STAT_TITLES = {
+    "vanilla": "Vanilla",
+    "mean": "Mean",
+    "max": "Max",
+    "max_gain_pct": "Max gain over Vanilla (%)",
+}
 N_WORDS = 4
-_EVAL_METRIC = re.compile(r"^(val|test)/pass@\d+_t\S+$")
+_EVAL_METRIC = re.compile(rf"^({'|'.join(SPLITS)})/pass@\d+_t\S+$")
 
 Extract = Callable[[Run], dict[float, float]]
 
@@ -79,10 +89,13 @@ def _average(values: list[float]) -> float | None:
 def table_statistics(group: RunGroup, metric: str) -> dict[str, float | None]:
     """STATISTICS of `metric` for one group (definitions in the module docstring); None where no
     seed has the value."""
-    per_epoch = [values for values in (epoch_values(run.rows, metric) for run in group.runs) if values]
-    vanilla = _average([v for v in (vanilla_value(run.rows, metric) for run in group.runs) if v is not None])
+    per_epoch = [v for v in (epoch_values(run.rows, metric) for run in group.runs) if v]
+    vanillas = [vanilla_value(run.rows, metric) for run in group.runs]
+    vanilla = _average([v for v in vanillas if v is not None])
     best = _average([max(values.values()) for values in per_epoch])
-    gain = None if vanilla is None or best is None or vanilla == 0 else (best - vanilla) / vanilla * 100
+    gain = None
+    if vanilla and best is not None:  # no gain relative to a missing or zero Vanilla
+        gain = (best - vanilla) / vanilla * 100
     return {
         "vanilla": vanilla,
         "mean": _average([fmean(values.values()) for values in per_epoch]),
@@ -108,13 +121,16 @@ def write_tables(groups: list[RunGroup], metrics: list[str], out_dir: str) -> li
     csv_rows = []
     for group in groups:
         table = {metric: table_statistics(group, metric) for metric in metrics}
-        runs = ", ".join(f"`{run.path}` (seed {'?' if run.seed is None else run.seed})" for run in group.runs)
+        seeds = ["?" if run.seed is None else run.seed for run in group.runs]
+        runs = ", ".join(f"`{run.path}` (seed {seed})" for run, seed in zip(group.runs, seeds))
         md += ["", f"## {group.label}", "", f"Runs: {runs}", ""]
         md += ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
         for stat in STATISTICS:
             values = [table[m][stat] for m in metrics]
-            md.append(f"| {_STAT_TITLES[stat]} | " + " | ".join(_md_cell(stat, v) for v in values) + " |")
-            csv_rows.append([group.label, len(group.runs), stat] + ["" if v is None else repr(v) for v in values])
+            cells = [_md_cell(stat, v) for v in values]
+            md.append(f"| {_STAT_TITLES[stat]} | " + " | ".join(cells) + " |")
+            csv_values = ["" if v is None else repr(v) for v in values]
+            csv_rows.append([group.label, len(group.runs), stat, *csv_values])
     md_path, csv_path = os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
@@ -135,7 +151,8 @@ def _draw(ax, groups: list[RunGroup], extract: Extract) -> bool:
         if not curves:
             continue
         xs, mean, std = mean_std(curves)
-        (line,) = ax.plot(xs, mean, marker="o" if len(xs) <= 30 else None, markersize=3, label=group.label)
+        marker = "o" if len(xs) <= 30 else None
+        (line,) = ax.plot(xs, mean, marker=marker, markersize=3, label=group.label)
         ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn = True
     return drawn
@@ -156,10 +173,10 @@ def plot_panels(
     for ax, (title, _), has_data in zip(axes, panels, drawn):
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and generation steps are counts
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are counts
         ax.grid(alpha=0.3)
         if not has_data:
-            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="gray")
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="gray")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     axes[drawn.index(True)].legend(fontsize="small")
@@ -201,7 +218,10 @@ def write_figures(groups: list[RunGroup], metrics: list[str], out_dir: str) -> l
     words = changing_words(groups)
     figures = {
         "train_accuracy.png": ([(TRAIN_ACCURACY_EPOCH, _epochs(TRAIN_ACCURACY_EPOCH))], "epoch"),
-        "response_length.png": ([(RESPONSE_LENGTH_MEAN, _steps(RESPONSE_LENGTH_MEAN))], GENERATION_STEP),
+        "response_length.png": (
+            [(RESPONSE_LENGTH_MEAN, _steps(RESPONSE_LENGTH_MEAN))],
+            GENERATION_STEP,
+        ),
         "reflection_ratios.png": (
             [(REFLECTION_PREFIX + k, _steps(REFLECTION_PREFIX + k)) for k in RATIO_KEYS],
             GENERATION_STEP,
@@ -218,7 +238,7 @@ def write_figures(groups: list[RunGroup], metrics: list[str], out_dir: str) -> l
         if panels and plot_panels(groups, panels, xlabel, path):
             written.append(path)
         else:
-            needed = ", ".join(title for title, _ in panels) or "reflection/word_count/<word> or val|test/pass@k"
+            needed = ", ".join(title for title, _ in panels) or "its metrics"
             print(f"maye_pl report: skipping {filename}: no run has {needed} (with {xlabel}).")
     return written
 
@@ -239,7 +259,7 @@ def write_report(paths: list[str], out_dir: str) -> list[str]:
     if metrics:
         written += write_tables(groups, metrics, out_dir)
     else:
-        print("maye_pl report: skipping table.md/table.csv: no run has a val/ or test/ pass@k metric.")
+        print("maye_pl report: skipping table.md/table.csv: no run has a val|test/pass@k metric.")
     return written + write_figures(groups, metrics, out_dir)
 
 
@@ -247,10 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m maye_pl report RUN_DIR [RUN_DIR ...] --out DIR`."""
     parser = argparse.ArgumentParser(
         prog="maye_pl report",
-        description="Accuracy table (paper Table 3) and training curves (Fig. 4/5) from maye_pl run directories.",
+        description="Accuracy table (paper Table 3) and training curves (Fig. 4/5) from maye_pl "
+        "run directories.",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory, or a directory above runs")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where table.md, table.csv and *.png go")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a run directory, or a directory above runs"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="where table.md, table.csv and *.png go"
+    )
     args = parser.parse_args(argv)
     try:
         written = write_report(args.run_dirs, args.out)

@@ -64,9 +64,13 @@ def find_run_dirs(paths: list[str]) -> list[str]:
     found: list[str] = []
     for path in paths:
         if not os.path.isdir(path):
-            raise ReportError(f"{path}: not a directory; pass run directories (holding {METRICS_FILENAME}).")
+            raise ReportError(
+                f"{path}: not a directory; pass run directories (holding {METRICS_FILENAME})."
+            )
         if not os.listdir(path):
-            raise ReportError(f"{path}: empty directory; the run wrote no {METRICS_FILENAME} (did it start?).")
+            raise ReportError(
+                f"{path}: empty directory; the run wrote no {METRICS_FILENAME} (did it start?)."
+            )
         below = sorted(root for root, _, files in os.walk(path) if METRICS_FILENAME in files)
         if not below:
             raise ReportError(
@@ -90,9 +94,11 @@ def load_run(run_dir: str) -> Run:
             try:
                 config = yaml.safe_load(f)
             except yaml.YAMLError as err:
-                raise ReportError(f"{config_path}: not valid YAML ({err}); fix or delete it.") from err
+                raise ReportError(f"{config_path}: not valid YAML ({err}); fix it.") from err
         if not isinstance(config, dict):
-            raise ReportError(f"{config_path}: top level must be a mapping, got {type(config).__name__}.")
+            raise ReportError(
+                f"{config_path}: top level must be a mapping, got {type(config).__name__}."
+            )
     return Run(path=run_dir, rows=rows, config=config)
 
 
@@ -142,12 +148,15 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
             flat_configs.setdefault(key, _flatten(comparable))
         groups.setdefault(key, RunGroup(label="")).runs.append(run)
     all_keys = set().union(*flat_configs.values()) if flat_configs else set()
-    differing = sorted(k for k in all_keys if len({repr(flat.get(k)) for flat in flat_configs.values()}) > 1)
+    differing = sorted(
+        k for k in all_keys if len({repr(flat.get(k)) for flat in flat_configs.values()}) > 1
+    )
     for key, group in groups.items():
         if key in flat_configs and differing:
             label = ", ".join(f"{k}={flat_configs[key].get(k)}" for k in differing)
         elif len(group.runs) > 1:
-            label = os.path.basename(os.path.commonpath([os.path.abspath(r.path) for r in group.runs]))
+            common = os.path.commonpath([os.path.abspath(r.path) for r in group.runs])
+            label = os.path.basename(common)
         else:
             label = os.path.basename(os.path.abspath(group.runs[0].path))
         group.label = label if len(label) <= 80 else label[:77] + "..."
@@ -178,13 +187,19 @@ def epoch_values(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
     keeps its last value."""
     skip = vanilla_row_index(rows, metric)
     return {
-        row["epoch"]: float(row[metric]) for i, row in enumerate(rows) if i != skip and _is_number(row.get(metric))
+        row["epoch"]: float(row[metric])
+        for i, row in enumerate(rows)
+        if i != skip and _is_number(row.get(metric))
     }
 
 
 def curve(rows: list[dict[str, Any]], metric: str, x: str) -> dict[float, float]:
     """{x value: metric} over the rows that hold both; a repeated x keeps its last value."""
-    return {float(row[x]): float(row[metric]) for row in rows if _is_number(row.get(x)) and _is_number(row.get(metric))}
+    return {
+        float(row[x]): float(row[metric])
+        for row in rows
+        if _is_number(row.get(x)) and _is_number(row.get(metric))
+    }
 
 
 def mean_std(curves: list[dict[float, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -93,12 +93,14 @@ def test_rows_are_logger_independent(tmp_path: Path, use_csv_logger: bool) -> No
 
 
 def test_read_metrics_drops_cut_last_line(tmp_path: Path) -> None:
-    (tmp_path / METRICS_FILENAME).write_text('{"step": 0, "epoch": 0, "a": 1.0}\n{"step": 1, "epoch": 0, "a"')
+    cut = '{"step": 0, "epoch": 0, "a": 1.0}\n{"step": 1, "epoch": 0, "a"'  # crash mid-row
+    (tmp_path / METRICS_FILENAME).write_text(cut)
     assert read_metrics(str(tmp_path)) == [{"step": 0, "epoch": 0, "a": 1.0}]
 
 
 def test_read_metrics_names_corrupt_line(tmp_path: Path) -> None:
-    (tmp_path / METRICS_FILENAME).write_text('{"step": 0, "epoch": 0}\n{"step": 1,\n{"step": 2, "epoch": 0}\n')
+    corrupt = '{"step": 0, "epoch": 0}\n{"step": 1,\n{"step": 2, "epoch": 0}\n'
+    (tmp_path / METRICS_FILENAME).write_text(corrupt)
     with pytest.raises(ValueError, match=rf"{METRICS_FILENAME}:2: not valid JSON"):
         read_metrics(str(tmp_path))
     # a complete (newline-terminated) last line that does not parse is corruption too

@@ -29,7 +29,8 @@ def test_pass_at_k_matches_binomial_definition_exhaustively() -> None:
     for n in range(1, 13):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12), (n, c, k)
+                exact = 1 - comb(n - c, k) / comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
 
 
 def test_pass_at_k_large_n_is_finite() -> None:
@@ -55,16 +56,25 @@ def test_pass_at_k_rejects_bad_counts(n, c, k, error, match) -> None:
 
 def test_paper_settings_and_metric_names() -> None:
     settings = PAPER_EVAL_SETTINGS()
-    assert [(s.k, s.temperature, s.top_p) for s in settings] == [(8, 1.0, 1.0), (1, 0.6, 1.0), (1, 0.01, 0.001)]
-    assert [metric_name("val", s) for s in settings] == ["val/pass@8_t1.0", "val/pass@1_t0.6", "val/pass@1_t0.01"]
+    assert [(s.k, s.temperature, s.top_p) for s in settings] == [
+        (8, 1.0, 1.0),
+        (1, 0.6, 1.0),
+        (1, 0.01, 0.001),
+    ]
+    assert [metric_name("val", s) for s in settings] == [
+        "val/pass@8_t1.0",
+        "val/pass@1_t0.6",
+        "val/pass@1_t0.01",
+    ]
     assert metric_name("test", settings[2]) == "test/pass@1_t0.01"
-    assert EvalSetting(k=4, temperature=1).name == "pass@4_t1.0"  # an int temperature still reads as a float
+    assert EvalSetting(k=4, temperature=1).name == "pass@4_t1.0"  # an int temperature as a float
     settings.append(EvalSetting(k=2, temperature=0.5))
     assert len(PAPER_EVAL_SETTINGS()) == 3  # every call builds a fresh list
 
 
 def test_bad_settings_and_splits_are_rejected() -> None:
-    with pytest.raises(ValueError, match=r"k=0 must be an int >= 1; temperature=-1.0 must be >= 0; top_p=0.0"):
+    all_problems = r"k=0 must be an int >= 1; temperature=-1.0 must be >= 0; top_p=0.0"
+    with pytest.raises(ValueError, match=all_problems):
         EvalSetting(k=0, temperature=-1.0, top_p=0.0)
     with pytest.raises(ValueError, match="split='validation' must be one of"):
         metric_name("validation", PAPER_EVAL_SETTINGS()[0])

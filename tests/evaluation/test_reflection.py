@@ -4,7 +4,13 @@ from MAYE's average of per-rank ratios), 0.0 for empty denominators."""
 
 import pytest
 
-from maye_pl.evaluation import RATIO_KEYS, REFLECTION_WORDS, ratios_from_counts, reflection_counts, reflection_metrics
+from maye_pl.evaluation import (
+    RATIO_KEYS,
+    REFLECTION_WORDS,
+    ratios_from_counts,
+    reflection_counts,
+    reflection_metrics,
+)
 
 TEXTS = [
     "Wait, let me re-check. Wait again.",  # wait x2, re-check x1
@@ -17,13 +23,15 @@ IS_CORRECT = [True, False, True, False, True]
 
 
 def word_counts(metrics: dict[str, float]) -> dict[str, float]:
-    return {k.removeprefix("word_count/"): v for k, v in metrics.items() if k.startswith("word_count/") and v}
+    prefix = "word_count/"
+    return {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix) and v}
 
 
 def test_whole_word_matching_hand_counts() -> None:
     counts = reflection_counts(TEXTS, IS_CORRECT)
     # texts 0 and 2 reflect, both correct; 3 of 5 texts correct
-    assert {k: counts[k] for k in ("n_texts", "n_correct", "n_reflective", "n_reflective_correct")} == {
+    raw_keys = ("n_texts", "n_correct", "n_reflective", "n_reflective_correct")
+    assert {k: counts[k] for k in raw_keys} == {
         "n_texts": 5.0,
         "n_correct": 3.0,
         "n_reflective": 2.0,
@@ -36,9 +44,11 @@ def test_whole_word_matching_hand_counts() -> None:
     assert metrics["reflection_ratio_in_correct_answers"] == pytest.approx(2 / 3)
     assert metrics["reflection_ratio_in_incorrect_answers"] == 0.0  # 0 of the 2 incorrect texts
     assert metrics["correct_ratio_in_reflection_texts"] == 1.0  # 2 of 2
-    assert metrics["correct_ratio_in_no_reflection_texts"] == pytest.approx(1 / 3)  # text 4 of texts 1, 3, 4
+    # text 4 is the one correct text among the plain texts 1, 3, 4
+    assert metrics["correct_ratio_in_no_reflection_texts"] == pytest.approx(1 / 3)
     # occurrences, not texts: "wait" appears twice in text 0
-    assert word_counts(metrics) == {"wait": 2, "re-check": 1, "yet": 1, "verify": 1, "check again": 1}
+    expected = {"wait": 2, "re-check": 1, "yet": 1, "verify": 1, "check again": 1}
+    assert word_counts(metrics) == expected
 
 
 def test_substring_matching_reproduces_maye() -> None:

@@ -21,9 +21,11 @@ GROUP_A = {
 }
 GROUP_B = {7: {VAL8: (0.40, [0.40, 0.40, 0.40])}}
 # Hand-computed (seed average of per-seed statistics):
-#   A val:  Vanilla (0.40+0.50)/2 = 0.45; Mean ((0.50+0.60+0.55)/3 + (0.45+0.70+0.65)/3)/2 = (0.55+0.60)/2 = 0.575;
+#   A val:  Vanilla (0.40+0.50)/2 = 0.45;
+#           Mean ((0.50+0.60+0.55)/3 + (0.45+0.70+0.65)/3)/2 = (0.55+0.60)/2 = 0.575;
 #           Max (0.60+0.70)/2 = 0.65; gain (0.65-0.45)/0.45 = 44.44 %
-#   A test: Vanilla 0.25; Mean (0.30+0.30)/2 = 0.30; Max (0.35+0.40)/2 = 0.375; gain 0.125/0.25 = 50 %
+#   A test: Vanilla (0.20+0.30)/2 = 0.25; Mean ((0.30+0.25+0.35)/3 + (0.30+0.40+0.20)/3)/2 = 0.30;
+#           Max (0.35+0.40)/2 = 0.375; gain 0.125/0.25 = 50 %
 #   B val:  0.40 everywhere, gain 0 %; B has no test metric.
 EXPECTED_CSV = {
     ("model.init_args.lr=5e-06", "vanilla"): [0.45, 0.25],
@@ -78,9 +80,10 @@ def write_run(run_dir: Path, seed: int, lr: float | None, evals: dict, train_row
                         **{f"reflection/word_count/{w}": f(g) for w, f in WORDS.items()},
                     }
                 )
-        rows.append({"step": 8 * (epoch + 1), "epoch": epoch, **{m: v[1][epoch] for m, v in evals.items()}})
+        end = {"step": 8 * (epoch + 1), "epoch": epoch}
+        rows.append({**end, **{m: v[1][epoch] for m, v in evals.items()}})
         if train_rows:
-            rows.append({"step": 8 * (epoch + 1), "epoch": epoch, "reward/accuracy_epoch": 0.3 + 0.1 * epoch})
+            rows.append({**end, "reward/accuracy_epoch": 0.3 + 0.1 * epoch})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if lr is not None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config(seed, lr, run_dir)))
@@ -106,7 +109,8 @@ def test_table_matches_hand_computation(runs_root: Path, tmp_path: Path, capsys)
     assert got.keys() == EXPECTED_CSV.keys()
     for key, expected in EXPECTED_CSV.items():
         assert got[key] == [pytest.approx(v) if v is not None else None for v in expected], key
-    assert {r[0]: r[1] for r in rows[1:]} == {"model.init_args.lr=5e-06": "2", "model.init_args.lr=1e-06": "1"}
+    n_runs = {r[0]: r[1] for r in rows[1:]}
+    assert n_runs == {"model.init_args.lr=5e-06": "2", "model.init_args.lr=1e-06": "1"}
 
     md = (out / "table.md").read_text()
     assert f"| | {VAL8} | {TEST06} |" in md
@@ -117,7 +121,8 @@ def test_table_matches_hand_computation(runs_root: Path, tmp_path: Path, capsys)
     assert "| Mean | 40.00 | – |" in md
     assert "(seed 1)" in md and "(seed 2)" in md and "(seed 7)" in md
 
-    for name in ("train_accuracy", "response_length", "reflection_ratios", "reflection_words", "eval_accuracy"):
+    figures = ("train_accuracy", "response_length", "reflection_ratios", "reflection_words")
+    for name in (*figures, "eval_accuracy"):
         png = (out / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, name
     assert "skipping" not in capsys.readouterr().out
@@ -125,7 +130,8 @@ def test_table_matches_hand_computation(runs_root: Path, tmp_path: Path, capsys)
 
 def test_grouping_ignores_seed_and_run_paths(runs_root: Path) -> None:
     runs = [load_run(str(d)) for d in sorted(runs_root.glob("*/seed*"))]
-    assert comparable_config(runs[0].config) == comparable_config(runs[1].config)  # seeds 1 and 2 of group a
+    # seeds 1 and 2 of group a
+    assert comparable_config(runs[0].config) == comparable_config(runs[1].config)
     assert comparable_config(runs[0].config)["trainer"]["logger"]["init_args"] == {}
     groups = group_runs(runs)
     assert [(g.label, [r.seed for r in g.runs]) for g in groups] == [
@@ -146,7 +152,8 @@ def test_missing_metrics_skip_figures_with_notice(runs_root: Path, tmp_path: Pat
 
 
 def test_run_without_config_is_its_own_group(tmp_path: Path, capsys) -> None:
-    write_run(tmp_path / "lonely", seed=0, lr=None, evals={VAL8: (0.5, [0.5, 0.6, 0.7])}, train_rows=False)
+    evals = {VAL8: (0.5, [0.5, 0.6, 0.7])}
+    write_run(tmp_path / "lonely", seed=0, lr=None, evals=evals, train_rows=False)
     main([str(tmp_path / "lonely"), "--out", str(tmp_path / "out")])
     assert "has no config.yaml; it forms a group of its own" in capsys.readouterr().out
     assert "## lonely" in (tmp_path / "out" / "table.md").read_text()
@@ -160,26 +167,30 @@ def test_no_eval_metric_skips_table(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "out" / "response_length.png").exists()
 
 
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda d: d.mkdir(), "empty directory"),
-        (lambda d: (d.mkdir(), (d / "notes.txt").write_text("x")), "no metrics.jsonl in it or below"),
-        (lambda d: None, "not a directory"),
-        (
-            lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 0, "epoch": 0}\nxx\n')),
-            "metrics.jsonl:2: not valid JSON",
-        ),
-        (
-            lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text(""), (d / "config.yaml").write_text("- a list\n")),
-            "config.yaml: top level must be a mapping",
-        ),
-    ],
-    ids=["empty", "foreign", "missing", "corrupt-metrics", "bad-config"],
-)
-def test_bad_directories_fail_clearly(tmp_path: Path, capsys, make, message: str) -> None:
+# directory contents (None: the path does not exist) -> what the error must say
+BAD_DIRS = {
+    "empty": ({}, "empty directory"),
+    "foreign": ({"notes.txt": "x"}, "no metrics.jsonl in it or below"),
+    "missing": (None, "not a directory"),
+    "corrupt-metrics": (
+        {"metrics.jsonl": '{"step": 0, "epoch": 0}\nxx\n'},
+        "metrics.jsonl:2: not valid JSON",
+    ),
+    "bad-config": (
+        {"metrics.jsonl": "", "config.yaml": "- a list\n"},
+        "config.yaml: top level must be a mapping",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DIRS)
+def test_bad_directories_fail_clearly(tmp_path: Path, capsys, case: str) -> None:
+    files, message = BAD_DIRS[case]
     run_dir = tmp_path / "run"
-    make(run_dir)
+    if files is not None:
+        run_dir.mkdir()
+        for name, text in files.items():
+            (run_dir / name).write_text(text)
     with pytest.raises(SystemExit) as exit_info:
         main([str(run_dir), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
