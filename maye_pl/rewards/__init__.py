@@ -1,0 +1,32 @@
+"""Rewards: str -> score. Answer extraction, the time-limited math judge, the paper's rewards.
+
+A reward is any callable ``fn(responses: list[str], samples: list[dict]) -> Tensor`` of shape
+(B,), float32; the config names rewards by import path (``RewardTerm``).
+"""
+
+from maye_pl.rewards.answers import extract_boxed, normalize_answer
+from maye_pl.rewards.combine import (
+    DEFAULT_REWARDS,
+    RewardFn,
+    RewardTerm,
+    resolve_rewards,
+    score_responses,
+)
+from maye_pl.rewards.functions import accuracy_reward, format_reward, language_reward
+from maye_pl.rewards.judge import math_judge, math_judge_batch, shutdown_judge_workers
+
+__all__ = [
+    "DEFAULT_REWARDS",
+    "RewardFn",
+    "RewardTerm",
+    "accuracy_reward",
+    "extract_boxed",
+    "format_reward",
+    "language_reward",
+    "math_judge",
+    "math_judge_batch",
+    "normalize_answer",
+    "resolve_rewards",
+    "score_responses",
+    "shutdown_judge_workers",
+]
