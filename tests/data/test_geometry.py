@@ -86,12 +86,13 @@ def test_answers_match_the_drawn_numbers():
                for a, b in kinds["hypotenuse"].pool())
 
 
-def test_every_golden_answer_passes_the_judge():
+def test_every_golden_answer_and_solution_passes_the_judge(geo):
     from maye_pl.rewards import math_judge
 
     answers = {kind.answer(*params) for kind in geometry.KINDS.values() for params in kind.pool()}
-    failing = [a for a in sorted(answers) if not math_judge(f"\\boxed{{{a}}}", a)]
-    assert failing == []
+    assert [a for a in sorted(answers) if not math_judge(f"\\boxed{{{a}}}", a)] == []
+    samples = [s for path in geo.values() for s in load_split(path)]
+    assert [s.id for s in samples if not math_judge(s.solution, s.answer)] == []
 
 
 def test_ensure_reuses_a_matching_set_and_refuses_another(geo, tmp_path):
