@@ -6,9 +6,9 @@ A reward is any callable ``fn(responses: list[str], samples: list[dict]) -> Tens
 
 from maye_pl.rewards.answers import extract_boxed, normalize_answer
 from maye_pl.rewards.combine import (
-    DEFAULT_REWARDS,
     RewardFn,
     RewardTerm,
+    default_rewards,
     resolve_rewards,
     score_responses,
 )
@@ -16,10 +16,10 @@ from maye_pl.rewards.functions import accuracy_reward, format_reward, language_r
 from maye_pl.rewards.judge import math_judge, math_judge_batch, shutdown_judge_workers
 
 __all__ = [
-    "DEFAULT_REWARDS",
     "RewardFn",
     "RewardTerm",
     "accuracy_reward",
+    "default_rewards",
     "extract_boxed",
     "format_reward",
     "language_reward",

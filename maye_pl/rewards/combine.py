@@ -59,7 +59,7 @@ class RewardTerm:
         return self.name if self.name is not None else self.fn.rsplit(".", 1)[-1]
 
 
-def DEFAULT_REWARDS() -> list[RewardTerm]:  # noqa: N802 - the project's name for the paper's set
+def default_rewards() -> list[RewardTerm]:
     """The paper's rewards: accuracy (weight 1) + language penalty (weight 1); format is off.
 
     A function, so every caller gets its own list (no shared mutable default).

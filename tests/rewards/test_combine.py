@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from maye_pl.rewards import (
-    DEFAULT_REWARDS,
     RewardTerm,
     accuracy_reward,
+    default_rewards,
     language_reward,
     resolve_rewards,
     score_responses,
@@ -39,12 +39,12 @@ NOT_CALLABLE = 3
 
 
 def test_default_rewards_are_the_papers_and_fresh_each_time():
-    first, second = DEFAULT_REWARDS(), DEFAULT_REWARDS()
+    first, second = default_rewards(), default_rewards()
     assert first == second and first is not second
     resolved = resolve_rewards(first)
     assert resolved == [("accuracy", 1.0, accuracy_reward), ("language", 1.0, language_reward)]
     first.append(RewardTerm("maye_pl.rewards.format_reward"))
-    assert len(DEFAULT_REWARDS()) == 2  # format is off by default; no shared list
+    assert len(default_rewards()) == 2  # format is off by default; no shared list
 
 
 def test_score_responses_weights_and_names_components():
