@@ -1,0 +1,211 @@
+"""Stream full (unsharded) policy weights to the rollout engine, one bounded bucket at a time.
+
+After each optimizer-step batch the engine on global rank 0 needs the new weights under their HF
+names. Materializing a full state dict would cost a full model copy on rank 0; instead every
+rank gathers one parameter at a time (``DTensor.full_tensor``, a collective all ranks must join),
+rank 0 keeps it in a bucket of at most ``bucket_bytes`` and hands the bucket to the engine, other
+ranks drop the gathered tensor at once. Frozen parameters (the ViT when only the LLM trains) never
+change, so a ``WeightSyncPlan`` sends them on the first sync only.
+
+FSDP2 shards parameters by rows (``Shard(0)`` on a 1-D mesh, ``torch.chunk`` layout), so rank 0
+assembles each tensor by receiving every rank's rows straight into its slice of one preallocated
+tensor (point-to-point): rank 0 holds exactly one full tensor in flight, other ranks only send
+their shards. ``DTensor.full_tensor`` (an all-gather) would make every rank allocate the full
+tensor, and gloo's all-gather stages it in a second buffer (2x); it remains the path for any
+other layout (e.g. tensor parallel).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+# Name segments wrappers insert into ``named_parameters()`` that HF's state_dict does not have:
+# activation checkpointing, FSDP1-style wrapping, torch.compile.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def hf_name(name: str) -> str:
+    """``name`` from ``named_parameters()`` with wrapper segments removed, i.e. the HF state_dict key."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather_full(param: torch.Tensor, dst_rank: int) -> torch.Tensor | None:
+    """The full value of ``param`` on global rank ``dst_rank``, None on the other ranks (all must call)."""
+    keep = _rank() == dst_rank
+    if not isinstance(param, DTensor):
+        return param.detach() if keep else None
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        full = param.full_tensor()
+        return full.detach() if keep else None
+    group = mesh.get_group()
+    local = param.to_local().detach()
+    dst = dist.get_group_rank(group, dst_rank)
+    me = mesh.get_local_rank()
+    if me != dst:
+        if local.numel():  # trailing ranks of a tensor with fewer rows than ranks hold nothing
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, local.contiguous(), group=group, group_peer=dst)]):
+                work.wait()
+        return None
+    full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+    # The same torch.chunk layout FSDP2 shards with: rank r holds chunks[r] (or nothing, past the end).
+    chunks = full.chunk(mesh.size(), dim=0)
+    receives = []
+    for rank, chunk in enumerate(chunks):
+        if rank == me:
+            chunk.copy_(local)
+        elif chunk.numel():
+            receives.append(dist.P2POp(dist.irecv, chunk, group=group, group_peer=rank))
+    for work in dist.batch_isend_irecv(receives) if receives else ():
+        work.wait()
+    return full
+
+
+def iter_full_parameters(
+    model: nn.Module,
+    *,
+    bucket_bytes: int,
+    names_filter: Callable[[str, torch.Tensor], bool] | None = None,
+    dst_rank: int = 0,
+) -> Iterator[NamedTensors]:
+    """Yield the full parameters of ``model`` on ``dst_rank`` in buckets of at most ``bucket_bytes``.
+
+    Every rank of the model's mesh must exhaust this iterator (each sharded parameter is gathered
+    from all ranks). On ``dst_rank`` it yields lists of ``(hf_name, full_tensor)``; on other
+    ranks it yields nothing, but sends its shards. Parameters are visited in
+    ``named_parameters()`` order (tied parameters once, under their first name).
+
+    Memory: a bucket holds at most ``bucket_bytes`` (a single larger parameter travels alone),
+    and each yielded list is emptied when the iterator resumes, so the caller need not drop its
+    reference: the extra memory on ``dst_rank`` is at most ``bucket_bytes`` plus the largest
+    parameter (FSDP2 row shards), not the model; other ranks allocate nothing. Consume (or copy)
+    a bucket before asking for the next one.
+
+    Unsharded models (plain tensors, no process group) work too: tensors are yielded as
+    detached views of the parameters, without a copy.
+
+    Args:
+        model: an FSDP2-sharded or plain module (e.g. the HF policy).
+        bucket_bytes: the most bytes of full tensors held at once (> 0).
+        names_filter: ``(hf_name, param) -> bool``; only parameters it accepts are gathered. It
+            must answer the same on every rank (decide on names and ``requires_grad``, never on
+            shard contents).
+        dst_rank: the global rank that receives the tensors.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"iter_full_parameters: bucket_bytes={bucket_bytes} must be > 0; pass e.g. 256 * 2**20.")
+    bucket: NamedTensors = []
+    held = 0
+    for raw_name, param in model.named_parameters():
+        name = hf_name(raw_name)
+        if names_filter is not None and not names_filter(name, param):
+            continue
+        nbytes = param.numel() * param.element_size()  # the FULL size: a DTensor's numel is global
+        if bucket and held + nbytes > bucket_bytes:
+            yield bucket
+            bucket.clear()  # frees the tensors even while the caller still holds the list
+            held = 0
+        full = _gather_full(param, dst_rank)
+        if full is not None:
+            bucket.append((name, full))
+            held += nbytes
+    if bucket:
+        yield bucket
+        bucket.clear()
+
+
+@dataclass
+class WeightSyncPlan:
+    """Which parameters a sync sends: trainable ones every time, frozen ones until sent once.
+
+    Keep one plan per (model, engine) pair for the whole run, on every rank: the filter it
+    provides must answer the same everywhere, and ``sync_weights`` updates it on every rank.
+    A new engine (restart) needs a new plan.
+    """
+
+    sent_frozen: set[str] = field(default_factory=set)
+    """HF names of frozen parameters already sent."""
+
+    def wants(self, name: str, param: torch.Tensor) -> bool:
+        """The ``names_filter`` for ``iter_full_parameters``."""
+        return param.requires_grad or name not in self.sent_frozen
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one weight sync moved and where its time went (for ``perf/`` metrics)."""
+
+    num_tensors: int
+    """Parameters sent (0 on ranks other than the destination)."""
+    num_bytes: int
+    """Bytes of full tensors sent (0 on ranks other than the destination)."""
+    num_buckets: int
+    """Buckets handed to ``push``."""
+    max_bucket_bytes: int
+    """Largest bucket, in bytes."""
+    gather_s: float
+    """Seconds spent gathering (inside the iterator), on this rank."""
+    push_s: float
+    """Seconds spent in ``push`` (the engine's weight update), on this rank."""
+
+
+def sync_weights(
+    model: nn.Module,
+    push: Callable[[NamedTensors], None] | None,
+    *,
+    bucket_bytes: int,
+    plan: WeightSyncPlan | None = None,
+    dst_rank: int = 0,
+) -> SyncStats:
+    """Gather ``model``'s full weights bucket by bucket and ``push`` each bucket on ``dst_rank``.
+
+    Call on every rank at the same point (e.g. ``on_train_batch_end``); ``push`` is only called
+    on ``dst_rank`` (pass e.g. ``engine.update_weights`` there and None elsewhere). With a
+    ``plan``, frozen parameters are sent on the first call only.
+
+    Timings are host wall-clock: on a GPU the gather time includes waiting for the all-gathers,
+    the push time whatever the engine synchronizes.
+    """
+    if _rank() == dst_rank and push is None:
+        raise ValueError(f"sync_weights: push is None on the destination rank {dst_rank}; pass engine.update_weights.")
+    frozen_selected: list[str] = []
+
+    def select(name: str, param: torch.Tensor) -> bool:
+        wanted = plan is None or plan.wants(name, param)
+        if wanted and not param.requires_grad:
+            frozen_selected.append(name)
+        return wanted
+
+    num_tensors = num_bytes = num_buckets = max_bucket = 0
+    gather_s = push_s = 0.0
+    buckets = iter_full_parameters(model, bucket_bytes=bucket_bytes, names_filter=select, dst_rank=dst_rank)
+    while True:
+        start = time.perf_counter()
+        bucket = next(buckets, None)
+        gather_s += time.perf_counter() - start
+        if bucket is None:
+            break
+        bucket_nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        num_tensors, num_bytes, num_buckets = num_tensors + len(bucket), num_bytes + bucket_nbytes, num_buckets + 1
+        max_bucket = max(max_bucket, bucket_nbytes)
+        start = time.perf_counter()
+        push(bucket)  # type: ignore[misc]  # not None on dst_rank (checked above), the only rank with buckets
+        push_s += time.perf_counter() - start
+    if plan is not None:
+        plan.sent_frozen.update(frozen_selected)
+    return SyncStats(num_tensors, num_bytes, num_buckets, max_bucket, gather_s, push_s)
