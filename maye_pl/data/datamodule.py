@@ -24,8 +24,9 @@ from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
 class MayeDataset(Dataset):
     """Validated samples of one split; item i is a dict with the image loaded as PIL RGB."""
 
-    def __init__(self, samples: list[Sample]):
+    def __init__(self, samples: list[Sample], split: str):
         self.samples = samples
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -41,7 +42,7 @@ class MayeDataset(Dataset):
                 f" {type(exc).__name__}: {exc}) — re-export it as PNG or JPEG"
             ]) from exc
         return {"id": sample.id, "question": sample.question, "answer": sample.answer,
-                "solution": sample.solution, "source": sample.source, "image": rgb}
+                "solution": sample.solution, "source": sample.source, "split": self.split, "image": rgb}
 
 
 class PromptCollator:
@@ -154,7 +155,7 @@ class MayeDataModule(L.LightningDataModule):
             )
         splits = load_splits(self.paths)
         self.processor = AutoProcessor.from_pretrained(self.processor_path)
-        self.datasets = {name: MayeDataset(samples[: self.limits[name]])
+        self.datasets = {name: MayeDataset(samples[: self.limits[name]], name)
                          for name, samples in splits.items()}
 
     def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | list:
@@ -182,9 +183,10 @@ class MayeDataModule(L.LightningDataModule):
             )
         return loader
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in file order (an empty list when no ``val_path``)."""
-        return self._loader("val", self.eval_batch_size, train=False)
+    def val_dataloader(self) -> list[DataLoader]:
+        """The validation loop scores val AND test, in file order: the paper reports both after
+        every epoch. Each item's ``split`` says which; a split without a path is left out."""
+        return [loader for split in ("val", "test") if (loader := self._loader(split, self.eval_batch_size, train=False))]
 
     def test_dataloader(self) -> DataLoader | list:
         """Test batches in file order (an empty list when no ``test_path``)."""

@@ -49,8 +49,11 @@ def test_train_shuffles_and_drops_the_tail_eval_keeps_order(tiny_model_dir, geo)
     assert [len(b) for b in train] == [4, 4]  # 10 samples: the last 2 are dropped
     file_order = [s.id for s in load_split(geo["train"])]
     assert sum(train, []) != file_order[:8]
-    val = [item["id"] for batch in dm.val_dataloader() for item in batch]
+    val_loader, test_in_validation = dm.val_dataloader()  # the validation loop scores val and test
+    val = [item["id"] for batch in val_loader for item in batch]
     assert val == [s.id for s in load_split(geo["val"])]
+    assert {item["split"] for batch in val_loader for item in batch} == {"val"}
+    assert {item["split"] for batch in test_in_validation for item in batch} == {"test"}
     test_sizes = [len(batch) for batch in dm.test_dataloader()]
     assert test_sizes == [4, 2]
 
@@ -87,7 +90,7 @@ def test_image_broken_after_validation_names_file_and_line(tiny_model_dir, geo, 
     dm.setup("validate")
     (tmp_path / record["image"]).write_bytes(b"not a png any more")
     with pytest.raises(DatasetError, match=rf"{tmp_path / 'val.jsonl'}:1: image: unreadable image"):
-        next(iter(dm.val_dataloader()))
+        next(iter(dm.val_dataloader()[0]))
 
 
 class _Policy(L.LightningModule):
