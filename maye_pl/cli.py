@@ -1,0 +1,77 @@
+"""`python -m maye_pl fit|validate|test --config configs/….yaml`, plus `report` and `export`.
+
+A LightningCLI: every constructor argument of the model, the data module, the trainer and the
+forced callbacks is a flag (`--model.lr 1e-6`, `--trainer.max_epochs 3`, `--rollout.engine hf`)
+and a YAML key. `report RUN_DIR… --out DIR` and `export CKPT OUT_DIR` are plain argparse commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from maye_pl.data import MayeDataModule, ensure_geometry_dataset
+from maye_pl.evaluation.metrics_file import MetricsFileCallback
+from maye_pl.models.tiny import ensure_tiny_model
+from maye_pl.rollout.callback import RolloutCallback
+
+# The synthetic set the CPU demo trains and evaluates on (datasets/README.md).
+DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
+
+
+class MayeCLI(LightningCLI):
+    """LightningCLI with the rollout engine and the metrics file as forced callbacks."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RolloutCallback, "rollout")
+        parser.add_lightning_class_args(MetricsFileCallback, "metrics_file")
+        parser.link_arguments("model.init_args.model_path", "data.processor_path")
+        parser.link_arguments("model.init_args.model_path", "rollout.model_path")
+        parser.add_argument(
+            "--demo_assets",
+            type=bool,
+            default=False,
+            help="Build the tiny random Qwen2.5-VL at model.model_path and the synthetic geometry set "
+            "beside data.train_path when they are missing (the CPU demo; never downloads anything).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if not config.get("demo_assets"):
+            return
+        ensure_tiny_model(Path(config.model.init_args.model_path))
+        ensure_geometry_dataset(Path(config.data.train_path).parent, **DEMO_GEOMETRY)
+
+    def before_fit(self) -> None:
+        """Validate once before training: the paper's "Vanilla" column (epoch 0)."""
+        if not getattr(self.model.hparams, "validate_before_fit", False):
+            return
+        rollout = next(c for c in self.trainer.callbacks if isinstance(c, RolloutCallback))
+        rollout.keep_engine_after_validate = True  # the same engine serves the fit that follows
+        try:
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+        finally:
+            rollout.keep_engine_after_validate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; ``argv`` defaults to the command line."""
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "report":
+        from maye_pl.evaluation.report import main as report_main
+
+        report_main(words[1:])
+        return
+    if words and words[0] == "export":
+        from maye_pl.export import main as export_main
+
+        export_main(words[1:])
+        return
+    MayeCLI(
+        datamodule_class=MayeDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )

@@ -1,0 +1,477 @@
+"""Reinforce++ for a vision-language policy, as a LightningModule that reads like MAYE's recipe.
+
+Paper: "Rethinking RL Scaling for Vision Language Models" (MAYE, arXiv 2504.02587), Fig. 2's four
+stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T response tokens.
+
+    Step I    data           a batch of prompts (question, image, answer) from MayeDataModule
+    Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollouts
+    Step III  trajectory     prompt+response tokens, old/ref logprobs, rewards, advantages
+    Step IV   policy update  ppo_epochs × minibatches × gradient accumulation of PPO-clip + k3 KL
+    (then)    weight sync    RolloutCallback.on_train_batch_end streams the new weights to the engine
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+
+from maye_pl import rl
+from maye_pl.evaluation import (
+    GENERATION_STEP,
+    PAPER_EVAL_SETTINGS,
+    REFLECTION_PREFIX,
+    EvalSetting,
+    metric_name,
+    pass_at_k,
+    ratios_from_counts,
+    reflection_counts,
+)
+from maye_pl.models.forward import build_policy_inputs, response_logprobs
+from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
+from maye_pl.rewards import RewardTerm, default_rewards, math_judge_batch, resolve_rewards, score_responses
+from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
+from maye_pl.strategies.grad_clip import clip_grad_norm_
+from maye_pl.trajectory import Trajectory
+
+
+class ReinforcePP(pl.LightningModule):
+    """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        train_vit: bool = False,
+        train_connector: bool = False,
+        train_llm: bool = True,
+        gradient_checkpointing: bool = False,
+        sampling: SamplingConfig = SamplingConfig(),
+        eval_settings: list[EvalSetting] | None = None,
+        validate_before_fit: bool = True,
+        rewards: list[RewardTerm] | None = None,
+        reward_penalty: float = -0.1,
+        min_response_length: int | None = None,
+        advantage_estimator: str = "reinforce_pp",
+        maye_compat: bool = False,
+        gamma: float = 1.0,
+        kl_reward_coef: float = 0.0,
+        kl_loss_coef: float = 0.001,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        loss_agg: str = "token_mean",
+        ppo_epochs: int = 1,
+        ppo_batch_size: int = 4,
+        gradient_accumulation_steps: int = 1,
+        forward_batch_size: int = 16,
+        lr: float = 5e-6,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+    ) -> None:
+        """
+        Args:
+            model_path: HF model directory (Qwen2-VL / Qwen2.5-VL); also the engine's starting weights.
+            dtype: Parameter dtype of policy and reference ("float32", "bfloat16").
+            attn_implementation: transformers attention backend ("sdpa", "flash_attention_2", "eager").
+            train_vit: Train the vision transformer blocks (the paper freezes them).
+            train_connector: Train the vision-language connector (the paper freezes it).
+            train_llm: Train the language model and lm_head (the paper trains only these).
+            gradient_checkpointing: Recompute decoder activations in the backward pass.
+            sampling: How rollouts are sampled for training; G = ``sampling.n``. The trainer scores
+                responses at ``sampling.temperature`` so old log-probs match the sampler's.
+            eval_settings: Validation/test generation settings; None = the paper's three
+                (pass@8 T=1.0, pass@1 T=0.6, pass@1 T=0.01).
+            validate_before_fit: Run validation once before training ("Vanilla", epoch 0).
+            rewards: Reward terms by import path and weight; None = accuracy + language (the paper).
+            reward_penalty: Score given to a response with no stop token or shorter than
+                ``min_response_length`` (it replaces the reward, as in MAYE).
+            min_response_length: Shortest unpenalised response in tokens; None = no minimum.
+            advantage_estimator: "reinforce_pp" (paper), "reinforce_pp_baseline" or "grpo".
+            maye_compat: Whiten advantages per rank and add the mean back, exactly as MAYE's code
+                does; the default whitens over the global batch to zero mean.
+            gamma: Discount of the per-token returns (the paper uses 1).
+            kl_reward_coef: β_rew, the KL penalty folded into the token rewards (the paper uses 0).
+            kl_loss_coef: β_loss, the k3 KL(π‖π_ref) term of the loss (the paper uses 0.001).
+            clip_eps_low: PPO ratio clip below 1.
+            clip_eps_high: PPO ratio clip above 1.
+            loss_agg: "token_mean" over the minibatch's valid tokens, or "seq_mean".
+            ppo_epochs: Passes over each rollout batch.
+            ppo_batch_size: Rows per minibatch; each minibatch is one optimizer step.
+            gradient_accumulation_steps: Micro-batches per minibatch (must divide ppo_batch_size).
+            forward_batch_size: Rows per no-grad forward when scoring old/ref log-probs.
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            adam_betas: AdamW betas.
+            warmup_steps: Linear warmup in optimizer steps, then cosine decay.
+            min_lr_ratio: Cosine floor as a fraction of ``lr``.
+            max_grad_norm: Clip the total gradient norm (over all shards); None = no clipping.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self._validate_args()
+
+        self.sampling = sampling
+        self.eval_settings = eval_settings if eval_settings is not None else PAPER_EVAL_SETTINGS()
+        self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards())
+        self.processor = load_processor(model_path)
+        self.stop_token_ids = stop_token_ids(GenerationConfig.from_pretrained(model_path), self.processor.tokenizer)
+        self.policy: torch.nn.Module | None = None
+        self.ref_policy: torch.nn.Module | None = None
+        self.needs_reference = kl_reward_coef != 0.0 or kl_loss_coef != 0.0
+        # Written by RolloutCallback before each batch (see its docstring).
+        self.rollouts: list[Rollout] | None = None
+        self.eval_rollouts: dict[str, list[Rollout]] | None = None
+        self.generation_step = 0
+        # (split, setting name) → per-prompt prediction rows of the running eval epoch.
+        self.predictions: dict[tuple[str, str], list[dict]] = defaultdict(list)
+
+    def _validate_args(self) -> None:
+        hp = self.hparams
+        problems = []
+        if hp.ppo_batch_size % hp.gradient_accumulation_steps:
+            problems.append(
+                f"`model.gradient_accumulation_steps`={hp.gradient_accumulation_steps} must divide "
+                f"`model.ppo_batch_size`={hp.ppo_batch_size}; pick a divisor."
+            )
+        if hp.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
+            problems.append(
+                f"`model.advantage_estimator`={hp.advantage_estimator!r} is unknown; "
+                f"choose one of {sorted(rl.ADVANTAGE_ESTIMATORS)}."
+            )
+        if hp.advantage_estimator in ("reinforce_pp_baseline", "grpo") and hp.sampling.n < 2:
+            problems.append(
+                f"`model.advantage_estimator`={hp.advantage_estimator!r} compares samples of the same "
+                f"prompt, but `model.sampling.n`={hp.sampling.n}; set it to 2 or more."
+            )
+        if hp.loss_agg not in rl.LOSS_AGGREGATIONS:
+            problems.append(f"`model.loss_agg`={hp.loss_agg!r} must be one of {sorted(rl.LOSS_AGGREGATIONS)}.")
+        if not (hp.train_vit or hp.train_connector or hp.train_llm):
+            problems.append("`model.train_vit`, `train_connector` and `train_llm` are all false; nothing would train.")
+        for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
+            if hp[name] < 1:
+                problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
+        if problems:
+            raise ValueError("Invalid ReinforcePP configuration:\n  " + "\n  ".join(problems))
+
+    # ------------------------------------------------------------------ setup
+
+    def configure_model(self) -> None:
+        """Build the policy (and the frozen reference when a KL coefficient is non-zero).
+
+        Lightning calls this inside the strategy's init context; FSDP2Strategy shards the result.
+        """
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = load_policy(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+        freeze_modules(self.policy, train_vit=hp.train_vit, train_connector=hp.train_connector, train_llm=hp.train_llm)
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.needs_reference:
+            self.ref_policy = load_policy(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+            self.ref_policy.requires_grad_(False).eval()
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None:
+            rows = datamodule.batch_size * self.sampling.n
+            if rows % self.hparams.ppo_batch_size:
+                raise ValueError(
+                    f"`model.ppo_batch_size`={self.hparams.ppo_batch_size} must divide the rows per rank "
+                    f"`data.batch_size` × `model.sampling.n` = {rows}; pick a divisor."
+                )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
+        total_steps = max(1, self.total_gradient_steps())
+
+        def warmup_cosine(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_gradient_steps(self) -> int:
+        """Optimizer steps in the whole run: rollout batches × PPO epochs × minibatches per batch."""
+        if self.trainer.max_steps != -1:  # under manual optimization max_steps counts optimizer steps
+            return self.trainer.max_steps
+        rows = self.trainer.datamodule.batch_size * self.sampling.n
+        updates_per_batch = self.hparams.ppo_epochs * (rows // self.hparams.ppo_batch_size)
+        return int(self.trainer.estimated_stepping_batches) * updates_per_batch
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        """Steps I-IV for one rollout batch (Step I is the batch itself, Step II the callback's rollouts)."""
+        rollouts = self.take_rollouts(len(batch))
+        t0 = time.perf_counter()
+        trajectory = self.generate_trajectory(batch, rollouts)
+        t1 = time.perf_counter()
+        update_stats = self.update_policy(trajectory)
+        t2 = time.perf_counter()
+        self.generation_step += 1
+        self.log_rollout_metrics(rollouts, trajectory)
+        self.log_dict(
+            {
+                **update_stats,
+                "perf/trajectory_s": t1 - t0,
+                "perf/update_s": t2 - t1,
+                "perf/update_tokens_per_s": self.hparams.ppo_epochs * trajectory.inputs.attention_mask.sum().item() / (t2 - t1),
+                GENERATION_STEP: float(self.generation_step),
+                "policy/gradient_step": float(self.trainer.global_step),
+            },
+            batch_size=len(batch),
+        )
+
+    def take_rollouts(self, num_prompts: int) -> list[Rollout]:
+        """Step II - rollouts: the callback generated them before this step; consume them once."""
+        rollouts, self.rollouts = self.rollouts, None
+        expected = num_prompts * self.sampling.n
+        if rollouts is None or len(rollouts) != expected:
+            got = "none" if rollouts is None else len(rollouts)
+            raise RuntimeError(
+                f"ReinforcePP expected {expected} rollouts from RolloutCallback before training_step, got {got}; "
+                "the CLI adds the callback — when building a Trainer by hand, add "
+                "`maye_pl.rollout.callback.RolloutCallback` to its callbacks."
+            )
+        return rollouts
+
+    def requests(self, batch: list[dict]) -> list[RolloutRequest]:
+        """Engine requests for a batch: chat-template prompt text with one placeholder per image."""
+        return [RolloutRequest(prompt=sample["prompt"], images=[sample["image"]]) for sample in batch]
+
+    @torch.no_grad()
+    def generate_trajectory(self, batch: list[dict], rollouts: list[Rollout]) -> Trajectory:
+        """Step III - trajectory: tokens, old/ref logprobs, rewards and advantages for N = B*G rows."""
+        G = self.sampling.n
+        samples = [sample for sample in batch for _ in range(G)]  # request-major, like the rollouts
+        requests = [request for request in self.requests(batch) for _ in range(G)]
+
+        # Step III.1 - tokens: the trainer re-tokenizes prompt+response itself, cut at the first stop
+        # token, so that every later step sees exactly the tokens the engine sampled.
+        inputs = build_policy_inputs(
+            self.processor, requests, [r.token_ids for r in rollouts], pad_token_id=self.pad_token_id
+        ).to(self.device)
+        # The pad id may itself be a stop id (Qwen's <|endoftext|>): keep the length mask too.
+        response_ids, stop_mask = rl.truncate_at_stop(inputs.response_ids, self.stop_token_ids, self.pad_token_id)
+        response_mask = stop_mask & inputs.response_mask  # (N, T)
+
+        # Step III.2 - old logprobs: the behaviour policy's own scores, recomputed in training numerics.
+        old_logprobs = self.score(self.policy, inputs) * response_mask  # (N, T)
+        # Step III.3 - ref logprobs: KL is taken against the frozen initial policy.
+        ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else old_logprobs
+
+        # Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
+        # is too short) gets `reward_penalty` instead, as in MAYE.
+        texts = [r.text for r in rollouts]
+        scores, reward_components = score_responses(self.rewards, texts, samples)
+        penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
+        scores = rl.apply_penalty(scores.to(self.device), penalized, self.hparams.reward_penalty)  # (N,)
+
+        # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
+        hp = self.hparams
+        advantages, returns = rl.estimate_advantages(
+            hp.advantage_estimator, scores, old_logprobs, ref_logprobs, response_mask,
+            kl_coef=hp.kl_reward_coef, gamma=hp.gamma, group_size=G, maye_compat=hp.maye_compat,
+            group=self.process_group(),
+        )  # (N, T) each
+        return Trajectory(
+            inputs, response_mask, old_logprobs, ref_logprobs, scores, advantages, returns, reward_components, penalized
+        )
+
+    def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
+        """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
+        return response_logprobs(
+            model, inputs, temperature=self.sampling.temperature,
+            forward_batch_size=self.hparams.forward_batch_size, return_entropy=return_entropy,
+        )
+
+    def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
+        """Step IV - policy update: ppo_epochs × shuffled minibatches, one optimizer step each."""
+        hp = self.hparams
+        self.policy.train()
+        generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
+        stats: dict[str, list[float]] = {}
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(trajectory.num_rows, generator=generator)
+            for mb_rows in order.split(hp.ppo_batch_size):
+                for name, value in self.optimizer_step(trajectory.select(mb_rows)).items():
+                    stats.setdefault(name, []).append(value)
+        return {name: sum(values) / len(values) for name, values in stats.items()}
+
+    def optimizer_step(self, mb: Trajectory) -> dict[str, float]:
+        """One minibatch: zero, backward over micro-batches, clip, step, scheduler."""
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        mb_tokens = int(mb.response_mask.sum())
+        normalizer = mb_tokens if hp.loss_agg == "token_mean" else mb.num_rows
+        micro_stats = []
+        for micro_rows in torch.arange(mb.num_rows).chunk(hp.gradient_accumulation_steps):
+            micro = mb.select(micro_rows)
+            logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
+            loss, loss_stats = rl.ppo_clip_loss(
+                logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.response_mask,
+                clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, kl_loss_coef=hp.kl_loss_coef,
+                loss_agg=hp.loss_agg, normalizer=max(1, normalizer),
+            )
+            self.manual_backward(loss)
+            valid = micro.response_mask
+            micro_stats.append((loss.detach(), loss_stats, (entropy.detach() * valid).sum() / valid.sum().clamp(min=1)))
+        max_norm = hp.max_grad_norm if hp.max_grad_norm is not None else float("inf")
+        grad_norm = clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], max_norm)
+        optimizer.step()
+        scheduler.step()
+        n = len(micro_stats)
+        return {
+            "loss/total": sum(float(loss) for loss, _, _ in micro_stats),
+            "loss/policy": sum(float(s.policy_loss) for _, s, _ in micro_stats) / n,
+            "loss/kl": sum(float(s.kl_loss) for _, s, _ in micro_stats) / n,
+            "policy/clip_fraction": sum(float(s.clip_fraction) for _, s, _ in micro_stats) / n,
+            "policy/ratio_mean": sum(float(s.ratio_mean) for _, s, _ in micro_stats) / n,
+            "policy/approx_kl": sum(float(s.approx_kl) for _, s, _ in micro_stats) / n,
+            "policy/entropy": sum(float(e) for _, _, e in micro_stats) / n,
+            "policy/grad_norm": float(grad_norm),
+            "policy/lr": scheduler.get_last_lr()[0],
+        }
+
+    def log_rollout_metrics(self, rollouts: list[Rollout], trajectory: Trajectory) -> None:
+        """What MAYE logs per generation step: rewards by component, KL, lengths, reflection, mismatch."""
+        mask = trajectory.response_mask
+        lengths = rl.response_lengths(mask).float()
+        kl = (rl.kl_k1(trajectory.old_logprobs, trajectory.ref_logprobs) * mask).sum() / mask.sum().clamp(min=1)
+        metrics = {
+            "reward/total": trajectory.scores.mean(),
+            "reward/penalized_fraction": trajectory.penalized.float().mean(),
+            "rollout/response_length_mean": lengths.mean(),
+            "rollout/length_clip_ratio": torch.tensor(sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)),
+            "policy/kl": kl,
+            "policy/engine_logprob_mismatch": self.engine_mismatch(rollouts, trajectory),
+        }
+        metrics.update({f"reward/{name}": values.float().mean() for name, values in trajectory.reward_components.items() if name != "accuracy"})
+        metrics.update(self.reflection_metrics([r.text for r in rollouts], trajectory.reward_components.get("accuracy")))
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32).to(self.device) for k, v in metrics.items()},
+                      batch_size=trajectory.num_rows, sync_dist=True)
+        self.log("rollout/response_length_max", lengths.max(), reduce_fx="max", sync_dist=True, batch_size=trajectory.num_rows)
+        if "accuracy" in trajectory.reward_components:
+            accuracy = trajectory.reward_components["accuracy"].float().mean().to(self.device)
+            self.log("reward/accuracy", accuracy, on_step=True, on_epoch=True, sync_dist=True, prog_bar=True,
+                     batch_size=trajectory.num_rows)
+        self.log("reward", trajectory.scores.mean(), prog_bar=True, logger=False, batch_size=trajectory.num_rows)
+
+    def reflection_metrics(self, texts: list[str], accuracy: torch.Tensor | None) -> dict[str, float]:
+        """MAYE's reflection ratios from counts summed over all ranks (not a mean of per-rank ratios)."""
+        if accuracy is None:
+            return {}
+        counts = reflection_counts(texts, [bool(a > 0) for a in accuracy])
+        keys = sorted(counts)
+        summed = torch.tensor([counts[key] for key in keys], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(summed)
+        ratios = ratios_from_counts(dict(zip(keys, summed.tolist())))
+        return {f"{REFLECTION_PREFIX}{name}": value for name, value in ratios.items()}
+
+    def engine_mismatch(self, rollouts: list[Rollout], trajectory: Trajectory) -> torch.Tensor:
+        """Mean |logprob_engine − logprob_trainer| over sampled tokens (NaN when the engine gave none)."""
+        if any(r.logprobs is None for r in rollouts):
+            return torch.tensor(float("nan"))
+        mask = trajectory.response_mask
+        engine = torch.zeros_like(trajectory.old_logprobs)
+        for row, rollout in enumerate(rollouts):
+            width = min(len(rollout.logprobs), engine.shape[1])
+            engine[row, :width] = torch.tensor(rollout.logprobs[:width], dtype=engine.dtype)
+        return ((engine - trajectory.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """pass@k under each eval setting on the engine's rollouts; the loop covers val and test."""
+        self.evaluate(batch, batch[0]["split"])
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    def evaluate(self, batch: list[dict], split: str) -> None:
+        """Judge every sample of every eval setting; log pass@k; keep the predictions for the epoch."""
+        eval_rollouts, self.eval_rollouts = self.eval_rollouts, None
+        if eval_rollouts is None:
+            raise RuntimeError("ReinforcePP evaluation needs RolloutCallback to generate eval rollouts first.")
+        for setting in self.eval_settings:
+            k = setting.k
+            texts = [r.text for r in eval_rollouts[setting.name]]  # B*k, request-major
+            correct = math_judge_batch(texts, [sample["answer"] for sample in batch for _ in range(k)])
+            scores = []
+            for i, sample in enumerate(batch):
+                prompt_correct = correct[i * k : (i + 1) * k]
+                scores.append(pass_at_k(k, sum(prompt_correct), k))
+                self.predictions[(split, setting.name)].append({
+                    "id": sample["id"], "question": sample["question"], "answer": sample["answer"],
+                    "predictions": texts[i * k : (i + 1) * k], "correct": prompt_correct,
+                })
+            self.log(metric_name(split, setting), sum(scores) / len(scores), on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=len(batch), add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self.write_predictions()
+
+    def on_test_epoch_end(self) -> None:
+        self.write_predictions()
+
+    def write_predictions(self) -> None:
+        """All ranks' predictions → ``<run_dir>/predictions/<split>_<setting>_step<global_step>.jsonl``.
+
+        Named by optimizer step, which tells the Vanilla evaluation (step 0) from each epoch's.
+        """
+        predictions, self.predictions = self.predictions, defaultdict(list)
+        if self.trainer.sanity_checking:
+            return
+        gathered = [predictions]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, dict(predictions))
+        if not self.trainer.is_global_zero:
+            return
+        out_dir = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "predictions")
+        os.makedirs(out_dir, exist_ok=True)
+        for split, setting in sorted({key for rank_predictions in gathered for key in rank_predictions}):
+            path = os.path.join(out_dir, f"{split}_{setting}_step{self.trainer.global_step}.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for rank_predictions in gathered:
+                    for row in rank_predictions.get((split, setting), []):
+                        f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def pad_token_id(self) -> int:
+        tokenizer = self.processor.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def process_group(self) -> Any:
+        """The group for global statistics (None in a single process)."""
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["generation_step"] = self.generation_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.generation_step = checkpoint.get("generation_step", 0)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reinforce++ on one 8-GPU node, the paper's layout: 7 GPUs train (FSDP2), GPU 7 runs vLLM.
+#
+#   DATA=geo3k MODEL=2.5it bash scripts/train_ppo_vllm_distributed.sh [extra CLI flags]
+#
+#   DATA   geo3k | mmmath                    (configs/geo3k.yaml, configs/mmmath.yaml)
+#   MODEL  2.5it (Qwen2.5-VL-7B-Instruct) | 2it (Qwen2-VL-7B-Instruct)
+#   MODEL_DIR  where the HF checkpoints live (default: ./models)
+#
+# Lightning launches the 7 training processes itself (trainer.devices: 7); the RolloutCallback on
+# global rank 0 starts vLLM in its own process with CUDA_VISIBLE_DEVICES set to the first GPU the
+# trainer does not use. Extra flags override the YAML, e.g. `--trainer.max_epochs 3 --model.lr 1e-6`.
+#
+# Multi-node: run the same command on every node with `--trainer.num_nodes N` and the usual
+# torch.distributed variables (MASTER_ADDR, MASTER_PORT, NODE_RANK) set, or under SLURM with
+# `srun` (Lightning reads SLURM's variables). Only global rank 0 owns an engine, on its node's
+# spare GPU; keep `trainer.devices` at 7 on 8-GPU nodes.
+set -euo pipefail
+
+DATA=${DATA:-geo3k}
+MODEL=${MODEL:-2.5it}
+MODEL_DIR=${MODEL_DIR:-./models}
+
+case "$DATA" in
+  geo3k | mmmath) config="configs/${DATA}.yaml" ;;
+  *) echo "DATA=$DATA: choose geo3k or mmmath" >&2; exit 2 ;;
+esac
+case "$MODEL" in
+  2.5it) model_path="$MODEL_DIR/Qwen2.5-VL-7B-Instruct" ;;
+  2it) model_path="$MODEL_DIR/Qwen2-VL-7B-Instruct" ;;
+  *) echo "MODEL=$MODEL: choose 2.5it or 2it" >&2; exit 2 ;;
+esac
+if [ ! -d "$model_path" ]; then
+  echo "$model_path is missing: download the checkpoint there or set MODEL_DIR" >&2
+  exit 2
+fi
+
+exec python -m maye_pl fit --config "$config" \
+  --model.model_path "$model_path" \
+  --trainer.logger.init_args.name "${DATA}_${MODEL}" \
+  "$@"

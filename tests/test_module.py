@@ -1,0 +1,83 @@
+"""ReinforcePP's own logic, without an engine: argument validation and Step III on given responses.
+
+Proves: bad hyperparameters are all reported at once with key, value and fix; the trajectory masks
+stop at the sampled stop token even when the pad id is itself a stop id; a response that never
+stopped gets `reward_penalty` instead of its reward; a correct boxed answer earns accuracy 1; the
+advantages are zero on padding and zero-mean over valid tokens (global whitening default).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maye_pl.data import MayeDataModule, generate_geometry_dataset
+from maye_pl.module import ReinforcePP
+from maye_pl.rollout.base import Rollout, SamplingConfig
+
+
+def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
+    with pytest.raises(ValueError) as info:
+        ReinforcePP(
+            str(tiny_model_dir), ppo_batch_size=6, gradient_accumulation_steps=4,
+            advantage_estimator="grpo", sampling=SamplingConfig(n=1), loss_agg="sum", ppo_epochs=0,
+        )
+    message = str(info.value)
+    for expected in (
+        "`model.gradient_accumulation_steps`=4 must divide `model.ppo_batch_size`=6",
+        "`model.sampling.n`=1",
+        "`model.loss_agg`='sum'",
+        "`model.ppo_epochs`=0",
+    ):
+        assert expected in message
+
+
+def test_reference_model_only_when_a_kl_coefficient_is_set(tiny_model_dir):
+    without = ReinforcePP(str(tiny_model_dir), kl_loss_coef=0.0, kl_reward_coef=0.0)
+    without.configure_model()
+    assert without.ref_policy is None
+    with_ref = ReinforcePP(str(tiny_model_dir), kl_loss_coef=0.001)
+    with_ref.configure_model()
+    assert with_ref.ref_policy is not None
+    assert not any(p.requires_grad for p in with_ref.ref_policy.parameters())
+
+
+@pytest.fixture(scope="module")
+def prompt_batch(tiny_model_dir, tmp_path_factory):
+    splits = generate_geometry_dataset(tmp_path_factory.mktemp("geo") / "geo", n_train=4, n_val=0, n_test=0)
+    dm = MayeDataModule(splits["train"], batch_size=2, processor_path=tiny_model_dir)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_trajectory_masks_penalties_rewards_and_advantages(tiny_model_dir, prompt_batch):
+    module = ReinforcePP(str(tiny_model_dir), sampling=SamplingConfig(n=2, max_tokens=8), ppo_batch_size=2)
+    module.configure_model()
+    tokenizer = module.processor.tokenizer
+    stop = module.stop_token_ids[0]
+    answer = prompt_batch[0]["answer"]
+    correct = tokenizer.encode(f"so \\boxed{{{answer}}}") + [stop]
+    responses = [
+        correct,                                   # prompt 0, sample 0: right answer, stopped
+        tokenizer.encode("no idea") + [stop],      # prompt 0, sample 1: stopped, wrong
+        tokenizer.encode("abcdefgh")[:8],          # prompt 1, sample 0: ran out of tokens
+        tokenizer.encode("ab") + [stop],           # prompt 1, sample 1: short, stopped
+    ]
+    rollouts = [
+        Rollout(ids, tokenizer.decode(ids, skip_special_tokens=True), "stop" if ids[-1] == stop else "length")
+        for ids in responses
+    ]
+    trajectory = module.generate_trajectory(prompt_batch, rollouts)
+
+    lengths = [len(ids) for ids in responses]
+    assert trajectory.response_mask.sum(dim=1).tolist() == lengths
+    assert trajectory.reward_components["accuracy"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    # The third response never produced a stop token: its score is replaced by the penalty.
+    assert trajectory.penalized.tolist() == [False, False, True, False]
+    assert trajectory.scores.tolist() == pytest.approx([1.0, 0.0, -0.1, 0.0])
+    padding = ~trajectory.response_mask
+    assert torch.all(trajectory.advantages[padding] == 0)
+    assert torch.all(trajectory.old_logprobs[padding] == 0)
+    assert torch.all(trajectory.old_logprobs[trajectory.response_mask] < 0)
+    valid = trajectory.advantages[trajectory.response_mask]
+    assert valid.mean().abs() < 1e-5  # whitened to zero mean over the (here single-rank) global batch
