@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,10 +26,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, GenerationConfig
 
 from maye_pl.strategies.fsdp2 import HF_PATHS_KEY
-from maye_pl.strategies.loading import model_class
+from maye_pl.strategies.loading import DTYPES, model_class
 from maye_pl.strategies.weight_sync import hf_name
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files save_pretrained writes itself; everything else at the base model's top level is copied.
 _WRITTEN_BY_SAVE_PRETRAINED = ("config.json", "generation_config.json", "model.safetensors.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -41,7 +41,9 @@ def _select(state: Mapping[str, torch.Tensor], prefix: str, where: str) -> dict[
     selected = {hf_name(k[len(prefix) :]): v for k, v in state.items() if k.startswith(prefix)}
     if not selected:
         attributes = sorted({k.split(".")[0] for k in state})
-        raise KeyError(f"export: no tensor under prefix {prefix!r} in {where}; top-level names: {attributes}. Pass --prefix.")
+        raise KeyError(
+            f"export: no tensor under prefix {prefix!r} in {where}; top-level names: {attributes}. Pass --prefix."
+        )
     return selected
 
 
@@ -64,9 +66,13 @@ def read_checkpoint(path: str | os.PathLike, prefix: str) -> tuple[dict[str, tor
         _select(tensors, prefix, str(path))  # fail on a wrong prefix before reading anything
         # Read only the policy's tensors: no optimizer state, no reference model.
         state = {
-            k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in tensors.items() if k.startswith(prefix)
+            k: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for k, meta in tensors.items()
+            if k.startswith(prefix)
         }
-        dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"state_dict": state}, checkpoint_id=path, no_dist=True)
         meta_file = path / _LIGHTNING_DCP_META
         extra = torch.load(meta_file, weights_only=False) if meta_file.is_file() else {}
     elif path.is_file():
@@ -132,7 +138,8 @@ def export_hf(
     try:
         model.save_pretrained(staging)
         for file in sorted(base.iterdir()):
-            if file.is_file() and file.name not in _WRITTEN_BY_SAVE_PRETRAINED and not file.name.endswith(_WEIGHT_SUFFIXES):
+            written = file.name in _WRITTEN_BY_SAVE_PRETRAINED or file.name.endswith(_WEIGHT_SUFFIXES)
+            if file.is_file() and not written:
                 shutil.copy2(file, staging / file.name)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -156,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the model trained from (config, tokenizer, processor); default: recorded in the checkpoint",
     )
     parser.add_argument("--prefix", default="policy.", help="checkpoint key prefix of the policy (default: policy.)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weight dtype (default: base config's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: base config's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     args = parser.parse_args(argv)
     out = export_hf(
@@ -164,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out_dir,
         base_model_dir=args.base_model,
         prefix=args.prefix,
-        dtype=_DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
         overwrite=args.overwrite,
     )
     print(f"exported {args.checkpoint} -> {out}")

@@ -34,10 +34,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import PreTrainedModel
 from typing_extensions import override
 
-from maye_pl.strategies.loading import has_meta_tensors, load_pretrained_weights
+from maye_pl.strategies.loading import DTYPES, has_meta_tensors, load_pretrained_weights
 
 DtypeName = Literal["bfloat16", "float16", "float32"]
-_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 HF_PATHS_KEY = "hf_pretrained_paths"
 """Checkpoint key: ``{attribute name: model.name_or_path}`` of every HF model of the module."""
@@ -157,8 +156,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout=timeout,
         )
         self.mp_policy = MixedPrecisionPolicy(
-            param_dtype=_DTYPES[param_dtype] if param_dtype else None,
-            reduce_dtype=_DTYPES[reduce_dtype] if reduce_dtype else None,
+            param_dtype=DTYPES[param_dtype] if param_dtype else None,
+            reduce_dtype=DTYPES[reduce_dtype] if reduce_dtype else None,
         )
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward

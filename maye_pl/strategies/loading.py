@@ -18,6 +18,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PretrainedConfig, PreTrainedModel
 
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The dtype names configs and command lines use."""
+
 
 def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The HF class a checkpoint was saved from (``config.architectures``), else the image-text-to-text auto class."""
@@ -30,7 +33,7 @@ def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 def init_empty_pretrained(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     model_cls: type[PreTrainedModel] | None = None,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
@@ -41,7 +44,8 @@ def init_empty_pretrained(
 
     Args:
         path: a local ``save_pretrained`` directory (config.json, safetensors, generation config).
-        dtype: the dtype the parameters will have (fp32 master weights, or bf16 to train in bf16).
+        dtype: the dtype the parameters will have (fp32 master weights, or bf16 to train in bf16);
+            a ``torch.dtype`` or a name from ``DTYPES``.
         model_cls: the HF class; default: the one in the config's ``architectures``.
         attn_implementation: e.g. "sdpa", "flash_attention_2"; None = transformers' default.
     """
@@ -50,6 +54,10 @@ def init_empty_pretrained(
         raise FileNotFoundError(
             f"init_empty_pretrained: {path}/config.json not found; pass a local save_pretrained directory."
         )
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"init_empty_pretrained: dtype={dtype!r} must be one of {sorted(DTYPES)}.")
+        dtype = DTYPES[dtype]
     config = AutoConfig.from_pretrained(path)
     cls = model_cls or model_class(config)
     with torch.device("meta"):

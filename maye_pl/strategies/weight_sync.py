@@ -59,7 +59,8 @@ def _gather_full(param: torch.Tensor, dst_rank: int) -> torch.Tensor | None:
     me = mesh.get_local_rank()
     if me != dst:
         if local.numel():  # trailing ranks of a tensor with fewer rows than ranks hold nothing
-            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, local.contiguous(), group=group, group_peer=dst)]):
+            send = dist.P2POp(dist.isend, local.contiguous(), group=group, group_peer=dst)
+            for work in dist.batch_isend_irecv([send]):
                 work.wait()
         return None
     full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
@@ -119,7 +120,7 @@ def iter_full_parameters(
         if bucket and held + nbytes > bucket_bytes:
             yield bucket
             bucket.clear()  # frees the tensors even while the caller still holds the list
-            held = 0
+            bucket, held = [], 0
         full = _gather_full(param, dst_rank)
         if full is not None:
             bucket.append((name, full))
@@ -175,8 +176,9 @@ def sync_weights(
     """Gather ``model``'s full weights bucket by bucket and ``push`` each bucket on ``dst_rank``.
 
     Call on every rank at the same point (e.g. ``on_train_batch_end``); ``push`` is only called
-    on ``dst_rank`` (pass e.g. ``engine.update_weights`` there and None elsewhere). With a
-    ``plan``, frozen parameters are sent on the first call only.
+    on ``dst_rank`` (pass e.g. ``engine.update_weights`` there and None elsewhere). ``push`` must
+    be done with the bucket when it returns: the list is emptied right after (memory bound). With
+    a ``plan``, frozen parameters are sent on the first call only.
 
     Timings are host wall-clock: on a GPU the gather time includes waiting for the all-gathers,
     the push time whatever the engine synchronizes.
