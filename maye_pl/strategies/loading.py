@@ -111,8 +111,8 @@ def load_pretrained_weights(
     path = Path(path if path is not None else model.name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"load_pretrained_weights: {type(model).__name__}.name_or_path={str(path)!r} is not a local"
-            " save_pretrained directory; build the model with maye_pl.strategies.init_empty_pretrained(path)."
+            f"load_pretrained_weights: path={str(path)!r} (default: {type(model).__name__}.name_or_path) is not"
+            " a local save_pretrained directory; build the model with maye_pl.strategies.init_empty_pretrained(path)."
         )
     dtype = next(model.parameters()).dtype
     model.to_empty(device=device)

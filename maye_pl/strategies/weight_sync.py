@@ -1,18 +1,17 @@
 """Stream full (unsharded) policy weights to the rollout engine, one bounded bucket at a time.
 
 After each optimizer-step batch the engine on global rank 0 needs the new weights under their HF
-names. Materializing a full state dict would cost a full model copy on rank 0; instead every
-rank gathers one parameter at a time (``DTensor.full_tensor``, a collective all ranks must join),
-rank 0 keeps it in a bucket of at most ``bucket_bytes`` and hands the bucket to the engine, other
-ranks drop the gathered tensor at once. Frozen parameters (the ViT when only the LLM trains) never
-change, so a ``WeightSyncPlan`` sends them on the first sync only.
+names. Materializing a full state dict would cost a full model copy on rank 0; instead the ranks
+assemble one parameter at a time on rank 0, which keeps it in a bucket of at most
+``bucket_bytes`` and hands the bucket to the engine. Frozen parameters (the ViT when only the
+LLM trains) never change, so a ``WeightSyncPlan`` sends them on the first sync only.
 
 FSDP2 shards parameters by rows (``Shard(0)`` on a 1-D mesh, ``torch.chunk`` layout), so rank 0
-assembles each tensor by receiving every rank's rows straight into its slice of one preallocated
-tensor (point-to-point): rank 0 holds exactly one full tensor in flight, other ranks only send
-their shards. ``DTensor.full_tensor`` (an all-gather) would make every rank allocate the full
-tensor, and gloo's all-gather stages it in a second buffer (2x); it remains the path for any
-other layout (e.g. tensor parallel).
+receives every rank's rows straight into its slice of one preallocated tensor (point-to-point):
+rank 0 holds exactly one full tensor in flight, other ranks only send their shards.
+``DTensor.full_tensor`` (an all-gather) would make every rank allocate the full tensor, and
+gloo's all-gather stages it in a second buffer (2x, measured); it remains the path for any other
+layout (e.g. tensor parallel).
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Run as a script (``python fsdp2_case.py MODEL_DIR OUT_DIR``) it trains the tiny 
 two optimizer steps under ``Trainer(devices=2, accelerator="cpu", strategy=FSDP2Strategy(...))``
 (Lightning relaunches this script for rank 1), writes what each rank observed to
 ``OUT_DIR/rank{r}.pt`` and a distributed checkpoint to ``OUT_DIR/ckpt``, then resumes from that
-checkpoint in a second Trainer and writes what it restored to ``OUT_DIR/resume_rank{r}.pt``. The test runs the same steps unsharded in its own process with
-``make_global_batch`` / ``response_nll`` / ``make_optimizer`` from here and compares.
+checkpoint in a second Trainer and writes what it restored to ``OUT_DIR/resume_rank{r}.pt``.
+The test runs the same steps unsharded in its own process with ``make_global_batch`` /
+``response_nll`` / ``make_optimizer`` from here and compares.
 
 Global batch: 4 samples (one image + prompt + 8 fixed response tokens each, equal lengths so no
 padding); rank r trains on samples [2r, 2r+2). The ViT is frozen (as in the paper); the loss is
