@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -22,7 +23,17 @@ DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
 
 
 class MayeCLI(LightningCLI):
-    """LightningCLI with the rollout engine and the metrics file as forced callbacks."""
+    """LightningCLI with the rollout engine and the metrics file as forced callbacks.
+
+    The model is chosen in the YAML by ``class_path`` (ReinforcePP, or the SFT baseline); the data
+    module is always MayeDataModule.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("datamodule_class", MayeDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
@@ -69,9 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
         export_main(words[1:])
         return
-    MayeCLI(
-        datamodule_class=MayeDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    MayeCLI(args=argv)

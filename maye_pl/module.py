@@ -39,7 +39,7 @@ from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
 from maye_pl.rewards import RewardTerm, default_rewards, math_judge_batch, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
-from maye_pl.strategies.grad_clip import clip_grad_norm_
+from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_, init_empty_pretrained
 from maye_pl.trajectory import Trajectory
 
 
@@ -172,17 +172,20 @@ class ReinforcePP(pl.LightningModule):
     def configure_model(self) -> None:
         """Build the policy (and the frozen reference when a KL coefficient is non-zero).
 
-        Lightning calls this inside the strategy's init context; FSDP2Strategy shards the result.
+        Under FSDP2Strategy the models are built on the meta device; the strategy shards them and
+        loads the checkpoint on rank 0 only, streaming each rank its shards.
         """
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = load_policy(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy)
+        build = init_empty_pretrained if sharded else load_policy
+        self.policy = build(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
         freeze_modules(self.policy, train_vit=hp.train_vit, train_connector=hp.train_connector, train_llm=hp.train_llm)
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.needs_reference:
-            self.ref_policy = load_policy(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
+            self.ref_policy = build(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
             self.ref_policy.requires_grad_(False).eval()
 
     def setup(self, stage: str) -> None:

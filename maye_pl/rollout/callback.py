@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
+from lightning.pytorch.accelerators import CUDAAccelerator
 
 from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
@@ -48,6 +48,7 @@ class RolloutCallback(pl.Callback):
         device: str = "auto",
         allow_shared_device: bool = False,
         gpu_memory_utilization: float = 0.8,
+        kv_cache_gb: float | None = None,
         max_model_len: int = 4096,
         enforce_eager: bool = True,
         bucket_mb: int = 256,
@@ -61,6 +62,8 @@ class RolloutCallback(pl.Callback):
             device: "auto" (first GPU the trainer does not use, or the CPU), "cpu" or "cuda:N".
             allow_shared_device: Let the engine share a GPU with a trainer rank when none is spare.
             gpu_memory_utilization: vLLM's share of its GPU's memory.
+            kv_cache_gb: vLLM's KV cache size in GiB; None lets vLLM size it (set it on CPU, where
+                vLLM's default is several GiB).
             max_model_len: Longest prompt+response the engine accepts.
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
@@ -75,6 +78,7 @@ class RolloutCallback(pl.Callback):
         self.device = device
         self.allow_shared_device = allow_shared_device
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_gb = kv_cache_gb
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
@@ -98,19 +102,20 @@ class RolloutCallback(pl.Callback):
 
             model = load_policy(model_path, dtype=self.dtype).to(pl_module.device).eval()
             return HFEngine(model, pl_module.processor)
-        from maye_pl.rollout.placement import choose_engine_device
         from maye_pl.rollout.vllm_engine import VLLMEngine
 
-        device = choose_engine_device(
-            self.device,
-            trainer_devices=trainer.num_devices if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else 0,
-            visible_gpus=torch.cuda.device_count(),
-            allow_shared=self.allow_shared_device,
-        )
         return VLLMEngine(
-            model_path, dtype=self.dtype, device=device, seed=self.seed,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+            model_path,
+            dtype=self.dtype,
+            device=self.device,
+            trainer_devices=trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0,
+            allow_shared=self.allow_shared_device,
+            seed=self.seed,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(self.kv_cache_gb * 2**30) if self.kv_cache_gb else None,
+            max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
+            weight_bucket_bytes=self.bucket_bytes,
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
