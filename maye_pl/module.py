@@ -12,11 +12,8 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from collections import defaultdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,20 +27,19 @@ from maye_pl.evaluation import (
     PAPER_EVAL_SETTINGS,
     REFLECTION_PREFIX,
     EvalSetting,
-    metric_name,
-    pass_at_k,
     ratios_from_counts,
     reflection_counts,
 )
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
-from maye_pl.rewards import RewardTerm, default_rewards, math_judge_batch, resolve_rewards, score_responses
+from maye_pl.evaluation.scheme import PaperEvaluation
+from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_, init_empty_pretrained
 from maye_pl.trajectory import Trajectory
 
 
-class ReinforcePP(pl.LightningModule):
+class ReinforcePP(PaperEvaluation, pl.LightningModule):
     """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
 
     def __init__(
@@ -125,6 +121,7 @@ class ReinforcePP(pl.LightningModule):
         self._validate_args()
 
         self.sampling = sampling
+        self.eval_max_tokens = sampling.max_tokens
         self.eval_settings = eval_settings if eval_settings is not None else PAPER_EVAL_SETTINGS()
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards())
         self.processor = load_processor(model_path)
@@ -136,8 +133,6 @@ class ReinforcePP(pl.LightningModule):
         self.rollouts: list[Rollout] | None = None
         self.eval_rollouts: dict[str, list[Rollout]] | None = None
         self.generation_step = 0
-        # (split, setting name) → per-prompt prediction rows of the running eval epoch.
-        self.predictions: dict[tuple[str, str], list[dict]] = defaultdict(list)
 
     def _validate_args(self) -> None:
         hp = self.hparams
@@ -403,64 +398,6 @@ class ReinforcePP(pl.LightningModule):
             width = min(len(rollout.logprobs), engine.shape[1])
             engine[row, :width] = torch.tensor(rollout.logprobs[:width], dtype=engine.dtype)
         return ((engine - trajectory.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-
-    # ------------------------------------------------------------------ evaluation
-
-    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """pass@k under each eval setting on the engine's rollouts; the loop covers val and test."""
-        self.evaluate(batch, batch[0]["split"])
-
-    def test_step(self, batch: list[dict], batch_idx: int) -> None:
-        self.evaluate(batch, "test")
-
-    def evaluate(self, batch: list[dict], split: str) -> None:
-        """Judge every sample of every eval setting; log pass@k; keep the predictions for the epoch."""
-        eval_rollouts, self.eval_rollouts = self.eval_rollouts, None
-        if eval_rollouts is None:
-            raise RuntimeError("ReinforcePP evaluation needs RolloutCallback to generate eval rollouts first.")
-        for setting in self.eval_settings:
-            k = setting.k
-            texts = [r.text for r in eval_rollouts[setting.name]]  # B*k, request-major
-            correct = math_judge_batch(texts, [sample["answer"] for sample in batch for _ in range(k)])
-            scores = []
-            for i, sample in enumerate(batch):
-                prompt_correct = correct[i * k : (i + 1) * k]
-                scores.append(pass_at_k(k, sum(prompt_correct), k))
-                self.predictions[(split, setting.name)].append({
-                    "id": sample["id"], "question": sample["question"], "answer": sample["answer"],
-                    "predictions": texts[i * k : (i + 1) * k], "correct": prompt_correct,
-                })
-            self.log(metric_name(split, setting), sum(scores) / len(scores), on_step=False, on_epoch=True,
-                     sync_dist=True, batch_size=len(batch), add_dataloader_idx=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self.write_predictions()
-
-    def on_test_epoch_end(self) -> None:
-        self.write_predictions()
-
-    def write_predictions(self) -> None:
-        """All ranks' predictions → ``<run_dir>/predictions/<split>_<setting>_step<global_step>.jsonl``.
-
-        Named by optimizer step, which tells the Vanilla evaluation (step 0) from each epoch's.
-        """
-        predictions, self.predictions = self.predictions, defaultdict(list)
-        if self.trainer.sanity_checking:
-            return
-        gathered = [predictions]
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, dict(predictions))
-        if not self.trainer.is_global_zero:
-            return
-        out_dir = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "predictions")
-        os.makedirs(out_dir, exist_ok=True)
-        for split, setting in sorted({key for rank_predictions in gathered for key in rank_predictions}):
-            path = os.path.join(out_dir, f"{split}_{setting}_step{self.trainer.global_step}.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for rank_predictions in gathered:
-                    for row in rank_predictions.get((split, setting), []):
-                        f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ helpers
 

@@ -22,19 +22,22 @@ class RolloutCallback(pl.Callback):
 
     Hooks:
         ``setup``: global rank 0 starts the engine (vLLM in its own process on the first GPU the
-            trainer does not use, or the CPU; or the HF engine).
-        ``on_train_start``: pushes the current (possibly checkpoint-restored) weights before the
-            first rollout.
+            trainer does not use, or the CPU; or the HF engine) and marks its weights stale, so
+            the current (possibly checkpoint-restored) weights reach it before the first rollout.
         ``on_train_batch_start``: every rank sends its prompts to rank 0, which generates all of
-            them in one engine call and sends each rank its responses.
-        ``on_train_batch_end``: all ranks gather the updated weights bucket by bucket; rank 0
-            pushes each bucket into the engine (frozen parameters only on the first sync).
+            them in one engine call and sends each rank its responses (skipped when the module's
+            ``sampling`` is None, e.g. the SFT baseline).
+        ``on_train_batch_end``: marks the weights stale (the optimizer stepped).
         ``on_validation_batch_start`` / ``on_test_batch_start``: one engine call per eval setting.
         ``teardown`` / ``on_exception``: shuts the engine down (no orphan processes).
+        Before any generation with stale weights, all ranks gather the policy bucket by bucket and
+        rank 0 pushes each bucket into the engine (frozen parameters only on the first sync). For
+        Reinforce++ that is after every training batch; for SFT, before each validation.
 
-    Reads on the module: ``requests(batch)``, ``sampling``, ``eval_settings``, ``policy``,
-    ``generation_step``. Writes on the module: ``rollouts`` (N = B*G rollouts, request-major) and
-    ``eval_rollouts`` (setting name → B*k rollouts).
+    Reads on the module: ``requests(batch)``, ``sampling`` (SamplingConfig or None),
+    ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``. Writes on the module:
+    ``rollouts`` (N = B*G rollouts, request-major) and ``eval_rollouts`` (setting name → B*k
+    rollouts).
 
     Saved state: none. Sampling seeds derive from ``seed`` and the module's ``generation_step``
     (saved in the checkpoint), so a resumed run samples what the uninterrupted run would have.
@@ -86,13 +89,20 @@ class RolloutCallback(pl.Callback):
         self.engine: RolloutEngine | None = None
         self.keep_engine_after_validate = False
         self._sync_plan = WeightSyncPlan()
+        self._weights_stale = False
+        self._engine_running = False
 
     # ------------------------------------------------------------------ engine lifetime
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and self.engine is None:
+        # The module's weights may be restored from a checkpoint after setup: sync before generating.
+        self._weights_stale = True
+        if self._engine_running:  # kept alive from the validation before fit
+            return
+        self._engine_running = True  # on every rank: the sync plan must agree across ranks
+        self._sync_plan = WeightSyncPlan()
+        if trainer.is_global_zero:
             self.engine = self._start_engine(trainer, pl_module)
-            self._sync_plan = WeightSyncPlan()
 
     def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RolloutEngine:
         model_path = self.model_path or pl_module.hparams.model_path
@@ -127,18 +137,18 @@ class RolloutCallback(pl.Callback):
         self.shutdown()
 
     def shutdown(self) -> None:
+        self._engine_running = False
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
 
     # ------------------------------------------------------------------ training
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync(trainer, pl_module)
-
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
-        sampling = pl_module.sampling
-        seeded = SamplingConfig(**{**sampling.__dict__, "seed": self.seed + pl_module.generation_step})
+        if pl_module.sampling is None:
+            return
+        self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
+        seeded = SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed + pl_module.generation_step})
         start = time.perf_counter()
         pl_module.rollouts = self._generate(pl_module.requests(batch), seeded)
         seconds = time.perf_counter() - start
@@ -148,29 +158,35 @@ class RolloutCallback(pl.Callback):
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stats = self._sync(trainer, pl_module)
-        pl_module.log_dict({"perf/weight_gather_s": stats.gather_s, "perf/weight_push_s": stats.push_s}, batch_size=len(batch))
+        self._weights_stale = True
 
-    def _sync(self, trainer: pl.Trainer, pl_module: Any):
+    def _sync_if_stale(self, trainer: pl.Trainer, pl_module: Any, batch_size: int) -> None:
+        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time."""
+        if not self._weights_stale:
+            return
         push = self.engine.update_weights if trainer.is_global_zero else None
-        return sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
+        stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
+        self._weights_stale = False
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module.log_dict({"perf/weight_gather_s": stats.gather_s, "perf/weight_push_s": stats.push_s},
+                               batch_size=batch_size)
 
     # ------------------------------------------------------------------ evaluation
 
     def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._generate_eval(pl_module, batch)
+        self._generate_eval(trainer, pl_module, batch)
 
     def on_test_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._generate_eval(pl_module, batch)
+        self._generate_eval(trainer, pl_module, batch)
 
-    def _generate_eval(self, pl_module: Any, batch: list[dict]) -> None:
+    def _generate_eval(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict]) -> None:
+        self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
         requests = pl_module.requests(batch)
-        max_tokens = pl_module.sampling.max_tokens
         pl_module.eval_rollouts = {
             setting.name: self._generate(
                 requests,
-                SamplingConfig(temperature=setting.temperature, top_p=setting.top_p, max_tokens=max_tokens,
-                               n=setting.k, seed=self.seed),
+                SamplingConfig(temperature=setting.temperature, top_p=setting.top_p,
+                               max_tokens=pl_module.eval_max_tokens, n=setting.k, seed=self.seed),
             )
             for setting in pl_module.eval_settings
         }
