@@ -3,7 +3,8 @@
 - ``tiny_model_dir``: a tiny random Qwen2.5-VL checkpoint (built once per session, ~2 s).
 - ``tiny_processor``: its ``AutoProcessor``.
 - ``rollout_requests``: three ``RolloutRequest``s (64 px image, text only, 112x84 image).
-- ``vllm_engine``: a real ``VLLMEngine`` on the tiny model (session-wide; restore weights you change).
+- ``vllm_engine``: a real ``VLLMEngine`` on the tiny model (session-wide: restore weights you
+  change).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def rollout_requests(tiny_processor) -> list:
     angle = render_prompt(tiny_processor, "<image>Find the angle.", "cot")
     return [
         RolloutRequest(circle, [Image.new("RGB", (64, 64), (200, 30, 30))]),
-        RolloutRequest("<|im_start|>user\nSolve for x: 3x + 7 = 22.<|im_end|>\n<|im_start|>assistant\n"),
+        RolloutRequest(
+            "<|im_start|>user\nSolve for x: 3x + 7 = 22.<|im_end|>\n<|im_start|>assistant\n"
+        ),
         RolloutRequest(angle, [Image.new("RGB", (112, 84), (20, 90, 200))]),
     ]
 

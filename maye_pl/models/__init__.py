@@ -1,4 +1,4 @@
-"""Policy models: the tiny random Qwen2.5-VL builder, loading and freezing, the trainer-side forward."""
+"""Policy models: the tiny random Qwen2.5-VL builder, loading and freezing, the trainer forward."""
 
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import (

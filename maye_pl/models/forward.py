@@ -62,7 +62,9 @@ class PolicyInputs:
     def to(self, device: torch.device | str) -> PolicyInputs:
         """Move every tensor to ``device``."""
         moved = {
-            f.name: value.to(device) if isinstance(value := getattr(self, f.name), Tensor) else value
+            f.name: (
+                value.to(device) if isinstance(value := getattr(self, f.name), Tensor) else value
+            )
             for f in fields(self)
         }
         return PolicyInputs(**moved)
@@ -70,7 +72,10 @@ class PolicyInputs:
 
 def _vision_token_ids(processor) -> set[int]:
     tokenizer = processor.tokenizer
-    return {tokenizer.convert_tokens_to_ids(processor.image_token), tokenizer.convert_tokens_to_ids(processor.video_token)}
+    return {
+        tokenizer.convert_tokens_to_ids(processor.image_token),
+        tokenizer.convert_tokens_to_ids(processor.video_token),
+    }
 
 
 def _encode_prompt(processor, request: RolloutRequest) -> dict[str, Tensor]:
@@ -104,16 +109,16 @@ def build_policy_inputs(
     """
     if len(requests) != len(response_ids):
         raise ValueError(
-            f"build_policy_inputs: {len(requests)} requests but {len(response_ids)} responses; pass one "
-            "request per response row (repeat a request G times for its G samples)."
+            f"build_policy_inputs: {len(requests)} requests but {len(response_ids)} responses; "
+            "pass one request per response row (repeat a request G times for its G samples)."
         )
     vision_ids = _vision_token_ids(processor)
     for row, ids in enumerate(response_ids):
         if bad := vision_ids.intersection(ids):
             raise ValueError(
                 f"build_policy_inputs: response row {row} contains vision placeholder token id(s) "
-                f"{sorted(bad)}; the model cannot score them (no image behind them). The rollout engine "
-                "must suppress vision tokens (both maye_pl engines do)."
+                f"{sorted(bad)}; the model cannot score them (no image behind them). The rollout "
+                "engine must suppress vision tokens (both maye_pl engines do)."
             )
 
     encoded: dict[int, dict[str, Tensor]] = {}
@@ -143,9 +148,15 @@ def build_policy_inputs(
         input_ids=input_ids,
         attention_mask=attention_mask,
         mm_token_type_ids=mm_token_type_ids,
-        pixel_values=torch.cat([row["pixel_values"] for row in with_images]) if with_images else None,
-        image_grid_thw=torch.cat([row["image_grid_thw"] for row in with_images]) if with_images else None,
-        images_per_row=torch.tensor([len(row["image_grid_thw"]) if "pixel_values" in row else 0 for row in rows]),
+        pixel_values=(
+            torch.cat([row["pixel_values"] for row in with_images]) if with_images else None
+        ),
+        image_grid_thw=(
+            torch.cat([row["image_grid_thw"] for row in with_images]) if with_images else None
+        ),
+        images_per_row=torch.tensor(
+            [len(row["image_grid_thw"]) if "pixel_values" in row else 0 for row in rows]
+        ),
         response_ids=input_ids[:, P:].clone(),  # (N, T)
         response_mask=response_mask,
         prompt_length=P,
@@ -153,24 +164,32 @@ def build_policy_inputs(
 
 
 def select_rows(inputs: PolicyInputs, rows: slice | Sequence[int] | Tensor) -> PolicyInputs:
-    """The sub-batch of ``rows`` (a minibatch or a forward chunk), vision tensors re-sliced to match.
+    """The sub-batch of ``rows`` (a minibatch or a forward chunk), vision tensors re-sliced.
 
     ``pixel_values`` rows belong to images through ``image_grid_thw`` (t*h*w patches per image)
     and images to rows through ``images_per_row``.
     """
-    index = torch.arange(inputs.num_rows)[rows] if not isinstance(rows, Tensor) else rows.long().cpu()
+    index = (
+        torch.arange(inputs.num_rows)[rows] if not isinstance(rows, Tensor) else rows.long().cpu()
+    )
     index = index.reshape(-1)
     pixel_values = image_grid_thw = None
     if inputs.image_grid_thw is not None:
         image_start = torch.cumsum(inputs.images_per_row, 0) - inputs.images_per_row  # (N,)
         image_index = torch.cat(
-            [torch.arange(image_start[r], image_start[r] + inputs.images_per_row[r]) for r in index.tolist()]
+            [
+                torch.arange(image_start[r], image_start[r] + inputs.images_per_row[r])
+                for r in index.tolist()
+            ]
             or [torch.zeros(0, dtype=torch.long)]
         )
         patches = inputs.image_grid_thw.prod(-1)  # (I,)
         patch_start = torch.cumsum(patches, 0) - patches  # (I,)
         patch_index = torch.cat(
-            [torch.arange(patch_start[i], patch_start[i] + patches[i]) for i in image_index.tolist()]
+            [
+                torch.arange(patch_start[i], patch_start[i] + patches[i])
+                for i in image_index.tolist()
+            ]
             or [torch.zeros(0, dtype=torch.long)]
         )
         if len(image_index):
@@ -234,7 +253,9 @@ def _chunk_scores(
     )
     logits = out.logits[:, :-1]  # (n, t, V): column P-1+j scores response token j
     mask = trimmed.response_mask
-    logprobs[:, :t] = token_logprobs(logits, trimmed.response_ids, temperature).masked_fill(~mask, 0.0)
+    logprobs[:, :t] = token_logprobs(logits, trimmed.response_ids, temperature).masked_fill(
+        ~mask, 0.0
+    )
     if entropy is not None:
         entropy[:, :t] = token_entropy(logits, temperature).masked_fill(~mask, 0.0)
     return logprobs, entropy
@@ -266,13 +287,20 @@ def response_logprobs(
     """
     if forward_batch_size is not None and forward_batch_size < 1:
         raise ValueError(
-            f"response_logprobs: forward_batch_size={forward_batch_size} must be a positive int, or None "
-            "for all rows in one forward pass."
+            f"response_logprobs: forward_batch_size={forward_batch_size} must be a positive int, "
+            "or None for all rows in one forward pass."
         )
     N = inputs.num_rows
     step = forward_batch_size or max(N, 1)
-    scores = [_chunk_scores(model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy) for s in range(0, N, step)]
-    logprobs = torch.cat([lp for lp, _ in scores]) if scores else torch.zeros_like(inputs.response_ids, dtype=torch.float32)
+    scores = [
+        _chunk_scores(model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy)
+        for s in range(0, N, step)
+    ]
+    logprobs = (
+        torch.cat([lp for lp, _ in scores])
+        if scores
+        else torch.zeros_like(inputs.response_ids, dtype=torch.float32)
+    )
     if not return_entropy:
         return logprobs  # (N, T)
     entropy = torch.cat([ent for _, ent in scores]) if scores else torch.zeros_like(logprobs)

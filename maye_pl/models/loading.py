@@ -35,7 +35,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"model dtype={dtype!r} is not one of {sorted(DTYPES)}; pick one of those.")
+        raise ValueError(
+            f"model dtype={dtype!r} is not one of {sorted(DTYPES)}; pick one of those."
+        )
     return DTYPES[dtype]
 
 
@@ -92,7 +94,9 @@ def _parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     }
 
 
-def freeze_modules(model: nn.Module, *, train_vit: bool, train_connector: bool, train_llm: bool) -> dict[str, int]:
+def freeze_modules(
+    model: nn.Module, *, train_vit: bool, train_connector: bool, train_llm: bool
+) -> dict[str, int]:
     """Set ``requires_grad`` per part: ViT, connector (``visual.merger``), LLM (+ ``lm_head``).
 
     MAYE trains the LLM only (ViT and connector frozen).
@@ -102,15 +106,18 @@ def freeze_modules(model: nn.Module, *, train_vit: bool, train_connector: bool, 
     """
     if not (train_vit or train_connector or train_llm):
         raise ValueError(
-            "model.train_vit, model.train_connector and model.train_llm are all False: nothing would "
-            "train; set at least one to True (MAYE trains the LLM only: train_llm=True)."
+            "model.train_vit, model.train_connector and model.train_llm are all False: nothing "
+            "would train; set at least one to True (MAYE trains the LLM only: train_llm=True)."
         )
     wanted = {"vit": train_vit, "connector": train_connector, "llm": train_llm}
     parts = _parts(model)
     for name, params in parts.items():
         for param in params:
             param.requires_grad_(wanted[name])
-    return {name: sum(p.numel() for p in params) if wanted[name] else 0 for name, params in parts.items()}
+    return {
+        name: sum(p.numel() for p in params) if wanted[name] else 0
+        for name, params in parts.items()
+    }
 
 
 def stop_token_ids(generation_config, tokenizer) -> list[int]:
@@ -120,7 +127,9 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
     For Qwen2.5-VL Instruct this is ``[<|im_end|>, <|endoftext|>]``.
     """
     ids: list[int] = []
-    configured = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    configured = (
+        getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    )
     if isinstance(configured, int):
         configured = [configured]
     for token_id in [*(configured or []), tokenizer.eos_token_id]:

@@ -182,8 +182,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
     Deterministic: the same seed gives the same bytes (weights, tokenizer, configs) on the same
     library versions. The generation config lists ``eos_token_id = [<|im_end|>, <|endoftext|>]``
-    like Qwen's and deliberately carries no sampling defaults: vLLM applies a checkpoint's
-    generation-config sampling values to every request that does not set them.
+    like Qwen's and carries no sampling defaults (Qwen's top_k=1, repetition_penalty=1.05 ...),
+    which ``generate()`` and vLLM would otherwise take as defaults.
     """
     from transformers import (
         GenerationConfig,
@@ -203,7 +203,10 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         pad_token_id=config.text_config.pad_token_id,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        ],
     )
     model.save_pretrained(out)
 

@@ -31,7 +31,9 @@ class HFEngine:
         tokenizer = processor.tokenizer
         self.stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.banned_ids = vision_token_ids(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        )
 
     @torch.no_grad()
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
@@ -82,14 +84,18 @@ class HFEngine:
         responses = out.sequences[:, P:]  # (B*G, L), request-major
         if sampling.logprobs and out.scores:
             scores = torch.stack(out.scores, dim=1).float()  # (B*G, L, V): processed logits
-            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # (B*G, L)
+            logprobs = (
+                torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+            )  # (B*G, L)
         else:
             logprobs = None
         stop = torch.tensor(self.stop_ids, device=responses.device)
         rollouts = []
         for row in range(responses.shape[0]):
             request_row = row // sampling.n
-            prompt_ids = batch["input_ids"][request_row][batch["attention_mask"][request_row].bool()]
+            prompt_ids = batch["input_ids"][request_row][
+                batch["attention_mask"][request_row].bool()
+            ]
             hits = torch.isin(responses[row], stop).nonzero()
             stopped = len(hits) > 0
             length = int(hits[0]) + 1 if stopped else responses.shape[1]  # the stop token is kept
@@ -112,8 +118,8 @@ class HFEngine:
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(
-                    f"HFEngine.update_weights: {name!r} is not a parameter of {type(self.model).__name__}; "
-                    "send the policy's own named_parameters() names."
+                    f"HFEngine.update_weights: {name!r} is not a parameter of "
+                    f"{type(self.model).__name__}; send the policy's own named_parameters() names."
                 )
             params[name].copy_(tensor)
 

@@ -35,7 +35,7 @@ _CUDA = re.compile(r"cuda:(\d+)")
 def choose_engine_device(
     requested: str, *, trainer_devices: int, visible_gpus: int, allow_shared: bool = False
 ) -> str:
-    """Resolve ``engine.device`` to ``"cpu"`` or ``"cuda:N"`` (N in the trainer's visible numbering).
+    """Resolve ``engine.device`` to ``"cpu"`` or ``"cuda:N"`` (N counts the visible GPUs).
 
     Args:
         requested: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
@@ -66,13 +66,20 @@ def choose_engine_device(
         raise ValueError(f"engine.device={requested!r} must be 'auto', 'cpu' or 'cuda:N'.")
     index = int(match.group(1))
     if index >= visible_gpus:
-        fix = f"pick cuda:0..cuda:{visible_gpus - 1} or 'auto'" if visible_gpus else "use 'cpu' or 'auto'"
-        raise ValueError(f"engine.device={requested!r} but {visible_gpus} GPU(s) are visible; {fix}.")
+        fix = (
+            f"pick cuda:0..cuda:{visible_gpus - 1} or 'auto'"
+            if visible_gpus
+            else "use 'cpu' or 'auto'"
+        )
+        raise ValueError(
+            f"engine.device={requested!r} but {visible_gpus} GPU(s) are visible; {fix}."
+        )
     if index < trainer_devices and not allow_shared:
         raise ValueError(
             f"engine.device={requested!r} is one of the trainer's GPUs (trainer.devices="
-            f"{trainer_devices} uses cuda:0..cuda:{trainer_devices - 1}); pick cuda:{trainer_devices} or "
-            "higher, lower trainer.devices, or set engine.allow_shared=true."
+            f"{trainer_devices} uses cuda:0..cuda:{trainer_devices - 1}); pick "
+            f"cuda:{trainer_devices} or higher, lower trainer.devices, or set "
+            "engine.allow_shared=true."
         )
     return requested
 
@@ -98,8 +105,8 @@ def engine_environment(device: str, parent_env: Mapping[str, str] | None = None)
         physical = [d.strip() for d in visible.split(",") if d.strip()]
         if index >= len(physical):
             raise ValueError(
-                f"engine device {device!r} is outside the parent's CUDA_VISIBLE_DEVICES={visible!r}; "
-                f"pick cuda:0..cuda:{len(physical) - 1}."
+                f"engine device {device!r} is outside the parent's "
+                f"CUDA_VISIBLE_DEVICES={visible!r}; pick cuda:0..cuda:{len(physical) - 1}."
             )
         env["CUDA_VISIBLE_DEVICES"] = physical[index]
     else:

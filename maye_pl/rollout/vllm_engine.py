@@ -7,8 +7,8 @@ a clean environment (``placement.engine_environment``) and, on a GPU node, exact
 Topology (nothing else is started; vLLM's engine core and worker run inside the host)::
 
     trainer process (rank 0)                 engine host process (spawned)
-      VLLMEngine ──── multiprocessing.Pipe ──► vllm.LLM  (VLLM_ENABLE_V1_MULTIPROCESSING=0,
-                                                          uni executor: no further processes)
+      VLLMEngine ─── multiprocessing.Pipe ───► vllm.LLM (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+                                                       uni executor: no further processes)
 
 vLLM's engine core normally runs in yet another process, started with the ``spawn`` method on
 CPU; such a fresh interpreter never imports ``maye_pl`` and so never gets the torchvision shim
@@ -95,7 +95,10 @@ class VLLMEngine:
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if weight_bucket_bytes < 1:
-            raise ValueError(f"engine.weight_bucket_bytes={weight_bucket_bytes} must be positive; the default is 256 MiB.")
+            raise ValueError(
+                f"engine.weight_bucket_bytes={weight_bucket_bytes} must be positive; "
+                "the default is 256 MiB."
+            )
         self.device = choose_engine_device(
             device,
             trainer_devices=trainer_devices,
@@ -126,7 +129,9 @@ class VLLMEngine:
             **(llm_kwargs or {}),
         }
         env = engine_environment(self.device)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core inside the host (module docstring)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
+            "0"  # engine core inside the host (module docstring)
+        )
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -134,7 +139,9 @@ class VLLMEngine:
             target=_host_main,
             args=(child_conn, engine_args, env, os.getpid()),
             name="maye_pl-vllm-engine",
-            daemon=False,  # a daemonic process may not start children, and vLLM runs one
+            # Not daemonic: a daemonic process may not start multiprocessing children, which
+            # vLLM does outside our in-process setup; the finalizer and PR_SET_PDEATHSIG end it.
+            daemon=False,
         )
         started = time.perf_counter()
         self._process.start()
@@ -143,15 +150,21 @@ class VLLMEngine:
         try:
             if not self._conn.poll(startup_timeout_s):
                 raise VLLMEngineError(
-                    f"vLLM engine for {model_path} not ready after startup_timeout_s={startup_timeout_s}; "
-                    "raise engine.startup_timeout_s or check the engine log above."
+                    f"vLLM engine for {model_path} not ready after "
+                    f"startup_timeout_s={startup_timeout_s}; raise engine.startup_timeout_s or "
+                    "check the engine log above."
                 )
             self._receive("start")
         except BaseException:
             self.shutdown()
             raise
         self.startup_seconds = time.perf_counter() - started
-        logger.info("vLLM engine on %s ready in %.1f s (pid %d)", self.device, self.startup_seconds, self.pid)
+        logger.info(
+            "vLLM engine on %s ready in %.1f s (pid %d)",
+            self.device,
+            self.startup_seconds,
+            self.pid,
+        )
 
     @property
     def pid(self) -> int | None:
@@ -163,7 +176,7 @@ class VLLMEngine:
         return self._call("generate", (requests, sampling))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (transformers parameter names), streamed in ``weight_bucket_bytes`` buckets.
+        """Load new weights (transformers names), streamed in ``weight_bucket_bytes`` buckets.
 
         At most one bucket is held in CPU memory at a time. Parameters not sent keep their values
         (e.g. a frozen ViT need not be sent).
@@ -185,7 +198,10 @@ class VLLMEngine:
             size += nbytes
         if bucket:
             self._send_bucket(bucket)
-        self._call("finish_update")
+        kept = self._call("finish_update")
+        logger.debug(
+            "weight update: %d engine parameters were not sent and kept their values", len(kept)
+        )
 
     def _send_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
         import safetensors.torch
@@ -206,7 +222,9 @@ class VLLMEngine:
 
     def _call(self, op: str, payload: Any = None) -> Any:
         if self._process is None:
-            raise VLLMEngineError(f"VLLMEngine.{op}: the engine was shut down; create a new VLLMEngine.")
+            raise VLLMEngineError(
+                f"VLLMEngine.{op}: the engine was shut down; create a new VLLMEngine."
+            )
         try:
             self._conn.send((op, payload))
         except (BrokenPipeError, ConnectionResetError) as error:
@@ -231,7 +249,9 @@ class VLLMEngine:
         self._process.join(timeout=5)
         code = self._process.exitcode
         self.shutdown()
-        return VLLMEngineError(f"vLLM engine process died during {op} (exit code {code}); see its log above.")
+        return VLLMEngineError(
+            f"vLLM engine process died during {op} (exit code {code}); see its log above."
+        )
 
 
 def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: float = 5.0) -> None:
@@ -243,7 +263,9 @@ def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: floa
     import psutil
 
     try:
-        leftovers = psutil.Process(process.pid).children(recursive=True) if process.is_alive() else []
+        leftovers = (
+            psutil.Process(process.pid).children(recursive=True) if process.is_alive() else []
+        )
     except psutil.NoSuchProcess:
         leftovers = []
     try:
@@ -291,7 +313,9 @@ def _start_llm(engine_args: dict[str, Any]):
     return LLM(**engine_args)
 
 
-def _sampling_params(sampling: SamplingConfig, request_index: int, stop_ids: list[int], banned: list[str]):
+def _sampling_params(
+    sampling: SamplingConfig, request_index: int, stop_ids: list[int], banned: list[str]
+):
     from vllm import SamplingParams
 
     # One seed per request: vLLM gives sample k of a request seed + k, so request i starts at
@@ -311,13 +335,22 @@ def _sampling_params(sampling: SamplingConfig, request_index: int, stop_ids: lis
     )
 
 
-def _generate(llm, requests: list[RolloutRequest], sampling: SamplingConfig, stop_ids, banned) -> list[Rollout]:
+def _generate(
+    llm, requests: list[RolloutRequest], sampling: SamplingConfig, stop_ids, banned
+) -> list[Rollout]:
     # Chat-template text with one placeholder per image; vLLM's processor expands it exactly as
     # the trainer's processor does (pre-expanded placeholder ids would be expanded a second time).
     prompts = [
-        {"prompt": r.prompt, "multi_modal_data": {"image": r.images[0] if len(r.images) == 1 else list(r.images)}}
-        if r.images
-        else {"prompt": r.prompt}
+        (
+            {
+                "prompt": r.prompt,
+                "multi_modal_data": {
+                    "image": r.images[0] if len(r.images) == 1 else list(r.images)
+                },
+            }
+            if r.images
+            else {"prompt": r.prompt}
+        )
         for r in requests
     ]
     params = [_sampling_params(sampling, i, stop_ids, banned) for i in range(len(requests))]
@@ -368,7 +401,9 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
     handlers = {
         "generate": lambda payload: _generate(llm, *payload, stop_ids, banned),
         "begin_update": lambda _: llm.collective_rpc("maye_begin_weight_update"),
-        "load_bucket": lambda payload: llm.collective_rpc("maye_load_weight_bucket", args=(payload,)),
+        "load_bucket": lambda payload: llm.collective_rpc(
+            "maye_load_weight_bucket", args=(payload,)
+        ),
         "finish_update": lambda _: _finish_update(llm),
     }
     while True:
@@ -396,9 +431,10 @@ def _vision_bad_words(tokenizer) -> list[str]:
     for word in words:
         if tokenizer.encode(word, add_special_tokens=False) != [vocab[word]]:
             raise ValueError(
-                f"the tokenizer encodes {word!r} as {tokenizer.encode(word, add_special_tokens=False)}, not as "
-                f"its id {vocab[word]}; register it as a special token (tokenizer_config.json added_tokens) "
-                "so the engine can keep it out of sampled responses."
+                f"the tokenizer encodes {word!r} as "
+                f"{tokenizer.encode(word, add_special_tokens=False)}, not as its id {vocab[word]}; "
+                "register it as a special token (tokenizer_config.json added_tokens) so the engine "
+                "can keep it out of sampled responses."
             )
     return words
 
@@ -411,6 +447,4 @@ def _finish_update(llm) -> list[str]:
     llm.reset_prefix_cache()
     llm.llm_engine.reset_encoder_cache()
     llm.reset_mm_cache()
-    if not_updated:
-        logger.info("weight update left %d engine parameters unchanged", len(not_updated))
     return not_updated

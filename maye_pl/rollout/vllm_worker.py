@@ -25,7 +25,7 @@ class WeightSyncExtension:
     """Worker-side half of ``VLLMEngine.update_weights`` (mixed into vLLM's ``Worker``)."""
 
     def maye_begin_weight_update(self) -> None:
-        """Put every layer into checkpoint layout with loaders that buffer until a layer is complete."""
+        """Put every layer in checkpoint layout; its loaders buffer until the layer is complete."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
@@ -34,7 +34,7 @@ class WeightSyncExtension:
         self._maye_loaded: set[str] = set()
 
     def maye_load_weight_bucket(self, payload: bytes) -> int:
-        """Load one bucket (``safetensors.torch.save`` bytes of HF-named tensors); returns its size."""
+        """Load a bucket (``safetensors.torch.save`` bytes, HF names); returns its tensor count."""
         from vllm.config import set_current_vllm_config
 
         tensors = safetensors.torch.load(payload)

@@ -21,22 +21,29 @@ def policy(tiny_model_dir):
 
 def _chat(processor, question: str, with_image: bool) -> str:
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_processor):
-    """Five rows: an image prompt x2 samples, a text-only prompt x2, a second (larger) image prompt x1."""
-    square = RolloutRequest(_chat(tiny_processor, "What is the area?", True), [Image.new("RGB", (64, 64), (200, 10, 10))])
+    """Five rows: an image prompt x2 samples, a text-only prompt x2, a larger image prompt x1."""
+    square = RolloutRequest(
+        _chat(tiny_processor, "What is the area?", True),
+        [Image.new("RGB", (64, 64), (200, 10, 10))],
+    )
     text = RolloutRequest(_chat(tiny_processor, "Solve for x: 3x + 7 = 22, then check it.", False))
-    wide = RolloutRequest(_chat(tiny_processor, "Angle?", True), [Image.new("RGB", (112, 84), (0, 100, 10))])
+    wide = RolloutRequest(
+        _chat(tiny_processor, "Angle?", True), [Image.new("RGB", (112, 84), (0, 100, 10))]
+    )
     requests = [square, square, text, text, wide]
     responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16, 17, 18, 19, 20]]
     return requests, responses
 
 
 def _reference_logprobs(model, processor, request, response, *, with_mm_types=True):
-    """One row, no padding, full logits: the straightforward computation the batched path must match."""
+    """One row, no padding, full logits: the plain computation the batched path must match."""
     enc = processor(text=[request.prompt], images=request.images or None, return_tensors="pt")
     ids = torch.tensor([response])
     kwargs = dict(enc)
@@ -61,9 +68,13 @@ def test_layout_left_pads_prompts_and_right_pads_responses(tiny_processor, rows)
     assert inputs.pixel_values.shape[0] == 16 + 16 + 48
     for n, response in enumerate(responses):
         assert inputs.input_ids[n, P : P + len(response)].tolist() == response
-        assert inputs.response_mask[n].tolist() == [True] * len(response) + [False] * (T - len(response))
+        assert inputs.response_mask[n].tolist() == [True] * len(response) + [False] * (
+            T - len(response)
+        )
         assert inputs.attention_mask[n, P:].tolist() == inputs.response_mask[n].long().tolist()
-        prompt = tiny_processor(text=[requests[n].prompt], images=requests[n].images or None)["input_ids"][0]
+        prompt = tiny_processor(text=[requests[n].prompt], images=requests[n].images or None)[
+            "input_ids"
+        ][0]
         assert inputs.input_ids[n, P - len(prompt) : P].tolist() == list(prompt)
         assert inputs.attention_mask[n, : P - len(prompt)].sum() == 0  # left padding
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -72,7 +83,9 @@ def test_layout_left_pads_prompts_and_right_pads_responses(tiny_processor, rows)
 
 def test_logprobs_match_unpadded_rows_for_any_chunking(policy, tiny_processor, rows):
     requests, responses = rows
-    inputs = build_policy_inputs(tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id)
+    inputs = build_policy_inputs(
+        tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id
+    )
     with torch.no_grad():
         whole = response_logprobs(policy, inputs, temperature=TEMPERATURE)
         for n, (request, response) in enumerate(zip(requests, responses)):
@@ -80,7 +93,9 @@ def test_logprobs_match_unpadded_rows_for_any_chunking(policy, tiny_processor, r
             torch.testing.assert_close(whole[n, : len(response)], reference, atol=1e-5, rtol=0)
             assert whole[n, len(response) :].abs().sum() == 0
         for forward_batch_size in (1, 2, 4):
-            chunked = response_logprobs(policy, inputs, temperature=TEMPERATURE, forward_batch_size=forward_batch_size)
+            chunked = response_logprobs(
+                policy, inputs, temperature=TEMPERATURE, forward_batch_size=forward_batch_size
+            )
             torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 
@@ -88,9 +103,13 @@ def test_mm_token_type_ids_are_needed_for_image_rows(policy, tiny_processor, row
     requests, responses = rows
     with torch.no_grad():
         with_types = _reference_logprobs(policy, tiny_processor, requests[0], responses[0])
-        without = _reference_logprobs(policy, tiny_processor, requests[0], responses[0], with_mm_types=False)
+        without = _reference_logprobs(
+            policy, tiny_processor, requests[0], responses[0], with_mm_types=False
+        )
         text_with = _reference_logprobs(policy, tiny_processor, requests[2], responses[2])
-        text_without = _reference_logprobs(policy, tiny_processor, requests[2], responses[2], with_mm_types=False)
+        text_without = _reference_logprobs(
+            policy, tiny_processor, requests[2], responses[2], with_mm_types=False
+        )
     assert (with_types - without).abs().max() > 1e-2  # 1-D positions for image tokens: other logits
     torch.testing.assert_close(text_with, text_without)  # text-only rows do not care
 
@@ -101,7 +120,9 @@ def test_select_rows_reslices_vision_inputs(policy, tiny_processor, rows):
     inputs = build_policy_inputs(tiny_processor, requests, responses, pad)
     picked = [4, 2, 0]
     subset = select_rows(inputs, picked)
-    direct = build_policy_inputs(tiny_processor, [requests[i] for i in picked], [responses[i] for i in picked], pad)
+    direct = build_policy_inputs(
+        tiny_processor, [requests[i] for i in picked], [responses[i] for i in picked], pad
+    )
     assert torch.equal(subset.pixel_values, direct.pixel_values)
     assert torch.equal(subset.image_grid_thw, direct.image_grid_thw)
     assert subset.images_per_row.tolist() == [1, 0, 1]
@@ -109,21 +130,37 @@ def test_select_rows_reslices_vision_inputs(policy, tiny_processor, rows):
     assert text_only.pixel_values is None and text_only.image_grid_thw is None
     with torch.no_grad():
         whole = response_logprobs(policy, inputs, temperature=TEMPERATURE)
-        torch.testing.assert_close(response_logprobs(policy, subset, temperature=TEMPERATURE), whole[picked], atol=1e-5, rtol=0)
-        torch.testing.assert_close(response_logprobs(policy, text_only, temperature=TEMPERATURE), whole[2:4], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            response_logprobs(policy, subset, temperature=TEMPERATURE),
+            whole[picked],
+            atol=1e-5,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            response_logprobs(policy, text_only, temperature=TEMPERATURE),
+            whole[2:4],
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_gradients_are_finite_and_entropy_is_masked(policy, tiny_processor, rows):
     requests, responses = rows
-    inputs = build_policy_inputs(tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id)
+    inputs = build_policy_inputs(
+        tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id
+    )
     policy.zero_grad()
-    logprobs, entropy = response_logprobs(policy, inputs, temperature=TEMPERATURE, forward_batch_size=2, return_entropy=True)
+    logprobs, entropy = response_logprobs(
+        policy, inputs, temperature=TEMPERATURE, forward_batch_size=2, return_entropy=True
+    )
     assert logprobs.requires_grad
     logprobs.sum().backward()
     grads = [p.grad for p in policy.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert policy.lm_head.weight.grad.abs().sum() > 0
-    assert (entropy[inputs.response_mask] > 0).all() and entropy[~inputs.response_mask].abs().sum() == 0
+    assert (entropy[inputs.response_mask] > 0).all() and entropy[
+        ~inputs.response_mask
+    ].abs().sum() == 0
     policy.zero_grad()
 
 
@@ -131,7 +168,9 @@ def test_rejects_vision_tokens_in_responses_and_mismatched_lengths(tiny_processo
     requests, responses = rows
     pad = tiny_processor.tokenizer.pad_token_id
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    with pytest.raises(ValueError, match=r"response row 1 contains vision placeholder token id\(s\) \[\d+\]"):
+    with pytest.raises(
+        ValueError, match=r"response row 1 contains vision placeholder token id\(s\) \[\d+\]"
+    ):
         build_policy_inputs(tiny_processor, requests[:2], [[5], [6, image_pad]], pad)
     with pytest.raises(ValueError, match="2 requests but 1 responses"):
         build_policy_inputs(tiny_processor, requests[:2], [[5]], pad)

@@ -1,4 +1,5 @@
-"""The tiny Qwen2.5-VL builder: same bytes from a seed, loads and generates in transformers, few vision tokens."""
+"""The tiny Qwen2.5-VL builder: same bytes from a seed, loads and generates in transformers, and
+turns small images into few vision tokens."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def test_same_seed_gives_same_bytes(tiny_model_dir: Path, tmp_path: Path) -> Non
     again = build_tiny_qwen2_5_vl(tmp_path / "again", seed=0)
     assert _file_bytes(again) == _file_bytes(tiny_model_dir)
     other = build_tiny_qwen2_5_vl(tmp_path / "other", seed=1)
-    assert (other / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (other / "model.safetensors").read_bytes() != (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
 
 
 def test_tokenizer_has_qwen_special_tokens_and_short_text(tiny_processor) -> None:
@@ -41,13 +44,19 @@ def test_processor_turns_64px_image_into_four_vision_tokens(tiny_processor) -> N
     text = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
     assert text.endswith("<|im_start|>assistant\n")
-    batch = tiny_processor(text=[text], images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt")
+    batch = tiny_processor(
+        text=[text], images=[Image.new("RGB", (64, 64), "red")], return_tensors="pt"
+    )
     # 64 px -> 56 x 56 -> 4 x 4 patches of 14 px -> merged 2 x 2 -> 4 tokens.
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((batch["input_ids"] == image_pad).sum()) == 4
-    big = tiny_processor(text=[text], images=[Image.new("RGB", (300, 200), "red")], return_tensors="pt")
-    assert int((big["input_ids"] == image_pad).sum()) <= 16  # max_pixels caps any image at 16 tokens
+    big = tiny_processor(
+        text=[text], images=[Image.new("RGB", (300, 200), "red")], return_tensors="pt"
+    )
+    assert (
+        int((big["input_ids"] == image_pad).sum()) <= 16
+    )  # max_pixels caps any image at 16 tokens
 
 
 def test_loads_in_transformers_and_generates(tiny_model_dir: Path, tiny_processor) -> None:
@@ -62,7 +71,9 @@ def test_loads_in_transformers_and_generates(tiny_model_dir: Path, tiny_processo
     ]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Area?"}]}]
     text = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    batch = tiny_processor(text=[text], images=[Image.new("RGB", (64, 64), "blue")], return_tensors="pt")
+    batch = tiny_processor(
+        text=[text], images=[Image.new("RGB", (64, 64), "blue")], return_tensors="pt"
+    )
     out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, batch["input_ids"].shape[1] + 5)
 

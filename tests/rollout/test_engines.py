@@ -47,11 +47,17 @@ class _AsSampled(torch.nn.Module):
 
 
 def _score(model, processor, requests, rollouts, n, temperature):
-    """Trainer-side (N, T) logprobs of the engine's responses, and the engine's own, padded alike."""
+    """Trainer-side (N, T) logprobs of the engine's responses, the engine's own, and the mask."""
     rows = [request for request in requests for _ in range(n)]
-    inputs = build_policy_inputs(processor, rows, [r.token_ids for r in rollouts], processor.tokenizer.pad_token_id)
+    inputs = build_policy_inputs(
+        processor, rows, [r.token_ids for r in rollouts], processor.tokenizer.pad_token_id
+    )
     with torch.no_grad():
-        scored = response_logprobs(_AsSampled(model, vision_token_ids(processor.tokenizer)), inputs, temperature=temperature)
+        scored = response_logprobs(
+            _AsSampled(model, vision_token_ids(processor.tokenizer)),
+            inputs,
+            temperature=temperature,
+        )
     engine = torch.zeros_like(scored)
     for row, rollout in enumerate(rollouts):
         engine[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs)
@@ -81,27 +87,41 @@ def test_contract_request_major_and_seeded(engine, rollout_requests):
         assert 1 <= len(rollout.token_ids) <= 6 and len(rollout.logprobs) == len(rollout.token_ids)
         assert rollout.finish_reason in ("stop", "length")
     for i in range(3):  # request i's samples are rows 3i..3i+2
-        assert all(r.prompt_token_ids == rollouts[3 * i].prompt_token_ids for r in rollouts[3 * i : 3 * i + 3])
+        assert all(
+            r.prompt_token_ids == rollouts[3 * i].prompt_token_ids
+            for r in rollouts[3 * i : 3 * i + 3]
+        )
     assert len({len(r.prompt_token_ids) for r in rollouts[::3]}) == 3
     assert len({tuple(r.token_ids) for r in rollouts[:3]}) > 1  # G samples differ
     again = engine.generate(rollout_requests, sampling)
-    assert [r.token_ids for r in again] == [r.token_ids for r in rollouts]  # same seed, same samples
+    assert [r.token_ids for r in again] == [
+        r.token_ids for r in rollouts
+    ]  # same seed, same samples
     assert engine.generate([], sampling) == []
 
 
 def test_prompt_ids_equal_the_trainers(engine, tiny_processor, rollout_requests):
-    rollouts = engine.generate(rollout_requests, SamplingConfig(temperature=1.0, max_tokens=2, seed=0))
+    rollouts = engine.generate(
+        rollout_requests, SamplingConfig(temperature=1.0, max_tokens=2, seed=0)
+    )
     pad = tiny_processor.tokenizer.pad_token_id
-    inputs = build_policy_inputs(tiny_processor, rollout_requests, [r.token_ids for r in rollouts], pad)
+    inputs = build_policy_inputs(
+        tiny_processor, rollout_requests, [r.token_ids for r in rollouts], pad
+    )
     P = inputs.prompt_length
     for n, rollout in enumerate(rollouts):
-        assert rollout.prompt_token_ids == inputs.input_ids[n, :P][inputs.attention_mask[n, :P].bool()].tolist()
+        assert (
+            rollout.prompt_token_ids
+            == inputs.input_ids[n, :P][inputs.attention_mask[n, :P].bool()].tolist()
+        )
     # Each placeholder expanded exactly once: 4 tokens for the 64 px image, 12 for the 112x84 one.
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert [r.prompt_token_ids.count(image_pad) for r in rollouts] == [4, 0, 12]
 
 
-def test_logprobs_equal_the_trainers_before_and_after_update(engine, tiny_model_dir, tiny_processor, policy, rollout_requests):
+def test_logprobs_equal_the_trainers_before_and_after_update(
+    engine, tiny_model_dir, tiny_processor, policy, rollout_requests
+):
     sampling = SamplingConfig(temperature=0.7, max_tokens=12, n=2, seed=3)
     before = engine.generate(rollout_requests, sampling)
     engine_lp, scored, _ = _score(policy, tiny_processor, rollout_requests, before, 2, 0.7)
@@ -121,16 +141,24 @@ def test_logprobs_equal_the_trainers_before_and_after_update(engine, tiny_model_
         assert (engine_lp - scored_by_old)[mask].abs().max() > 1e-2  # the update landed
     finally:
         engine.update_weights(policy.named_parameters())  # engines are shared: restore
-    assert [r.token_ids for r in engine.generate(rollout_requests, sampling)] == [r.token_ids for r in before]
+    assert [r.token_ids for r in engine.generate(rollout_requests, sampling)] == [
+        r.token_ids for r in before
+    ]
 
 
 def test_stop_tokens_end_responses(engine, tiny_processor, policy, rollout_requests):
-    im_end, endoftext = tiny_processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    im_end, endoftext = tiny_processor.tokenizer.convert_tokens_to_ids(
+        ["<|im_end|>", "<|endoftext|>"]
+    )
     try:
         engine.update_weights(_steered(policy, im_end, endoftext))  # only 2 of the tensors
         for temperature in (0.0, 1.0):
-            for rollout in engine.generate(rollout_requests, SamplingConfig(temperature=temperature, max_tokens=8, seed=0)):
-                assert rollout.token_ids in ([im_end], [endoftext]) and rollout.finish_reason == "stop"
+            for rollout in engine.generate(
+                rollout_requests, SamplingConfig(temperature=temperature, max_tokens=8, seed=0)
+            ):
+                assert (
+                    rollout.token_ids in ([im_end], [endoftext]) and rollout.finish_reason == "stop"
+                )
                 assert rollout.text == ""
     finally:
         engine.update_weights(policy.named_parameters())
@@ -139,12 +167,23 @@ def test_stop_tokens_end_responses(engine, tiny_processor, policy, rollout_reque
 
 
 def test_vision_tokens_are_never_sampled(engine, tiny_processor, policy, rollout_requests):
-    image_pad, video_pad = tiny_processor.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    image_pad, video_pad = tiny_processor.tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>"]
+    )
     banned = set(vision_token_ids(tiny_processor.tokenizer))
     try:
-        engine.update_weights(_steered(policy, image_pad, video_pad))  # a vision token is every argmax
-        for sampling in (SamplingConfig(temperature=0.0, max_tokens=16), SamplingConfig(temperature=1.5, max_tokens=16, n=8, seed=0)):
-            sampled = {token for rollout in engine.generate(rollout_requests, sampling) for token in rollout.token_ids}
+        engine.update_weights(
+            _steered(policy, image_pad, video_pad)
+        )  # a vision token is every argmax
+        for sampling in (
+            SamplingConfig(temperature=0.0, max_tokens=16),
+            SamplingConfig(temperature=1.5, max_tokens=16, n=8, seed=0),
+        ):
+            sampled = {
+                token
+                for rollout in engine.generate(rollout_requests, sampling)
+                for token in rollout.token_ids
+            }
             assert sampled and not banned & sampled
     finally:
         engine.update_weights(policy.named_parameters())

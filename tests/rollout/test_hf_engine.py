@@ -19,7 +19,9 @@ def hf_engine(tiny_model_dir, tiny_processor):
 
 def _request(processor, question, size=None):
     content = ([{"type": "image"}] if size else []) + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     return RolloutRequest(prompt, [Image.new("RGB", size, (90, 160, 20))] if size else [])
 
 
@@ -33,8 +35,13 @@ def test_batched_generation_equals_one_at_a_time(hf_engine, tiny_processor):
     batched = hf_engine.generate(requests, greedy)
     for request, rollout in zip(requests, batched):
         (alone,) = hf_engine.generate([request], greedy)
-        assert rollout.token_ids == alone.token_ids and rollout.prompt_token_ids == alone.prompt_token_ids
-        torch.testing.assert_close(torch.tensor(rollout.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
+        assert (
+            rollout.token_ids == alone.token_ids
+            and rollout.prompt_token_ids == alone.prompt_token_ids
+        )
+        torch.testing.assert_close(
+            torch.tensor(rollout.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0
+        )
 
 
 def test_seeded_sampling_leaves_the_global_rng_alone(hf_engine, tiny_processor):
@@ -47,5 +54,7 @@ def test_seeded_sampling_leaves_the_global_rng_alone(hf_engine, tiny_processor):
 
 
 def test_update_weights_refuses_unknown_names(hf_engine):
-    with pytest.raises(KeyError, match="'lm_head.bias' is not a parameter of Qwen2_5_VLForConditionalGeneration"):
+    with pytest.raises(
+        KeyError, match="'lm_head.bias' is not a parameter of Qwen2_5_VLForConditionalGeneration"
+    ):
         hf_engine.update_weights([("lm_head.bias", torch.zeros(3))])

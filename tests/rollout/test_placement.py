@@ -21,7 +21,12 @@ from maye_pl.rollout.placement import choose_engine_device, engine_environment
 )
 def test_decision_table(requested, trainer_devices, visible_gpus, allow_shared, expected):
     assert (
-        choose_engine_device(requested, trainer_devices=trainer_devices, visible_gpus=visible_gpus, allow_shared=allow_shared)
+        choose_engine_device(
+            requested,
+            trainer_devices=trainer_devices,
+            visible_gpus=visible_gpus,
+            allow_shared=allow_shared,
+        )
         == expected
     )
 
@@ -29,14 +34,28 @@ def test_decision_table(requested, trainer_devices, visible_gpus, allow_shared, 
 @pytest.mark.parametrize(
     ("requested", "trainer_devices", "visible_gpus", "message"),
     [
-        ("auto", 8, 8, r"trainer.devices=8 uses all 8 visible GPUs; set trainer.devices=7 .* engine.allow_shared=true"),
-        ("cuda:3", 7, 8, r"engine.device='cuda:3' is one of the trainer's GPUs \(trainer.devices=7 uses cuda:0..cuda:6\)"),
+        (
+            "auto",
+            8,
+            8,
+            r"trainer.devices=8 uses all 8 visible GPUs; set trainer.devices=7 .* "
+            r"engine.allow_shared=true",
+        ),
+        (
+            "cuda:3",
+            7,
+            8,
+            r"engine.device='cuda:3' is one of the trainer's GPUs "
+            r"\(trainer.devices=7 uses cuda:0..cuda:6\)",
+        ),
         ("cuda:8", 7, 8, r"engine.device='cuda:8' but 8 GPU\(s\) are visible; pick cuda:0..cuda:7"),
         ("cuda:0", 1, 0, r"engine.device='cuda:0' but 0 GPU\(s\) are visible; use 'cpu' or 'auto'"),
         ("gpu", 1, 8, r"engine.device='gpu' must be 'auto', 'cpu' or 'cuda:N'"),
     ],
 )
-def test_errors_name_the_setting_the_values_and_the_fix(requested, trainer_devices, visible_gpus, message):
+def test_errors_name_the_setting_the_values_and_the_fix(
+    requested, trainer_devices, visible_gpus, message
+):
     with pytest.raises(ValueError, match=message):
         choose_engine_device(requested, trainer_devices=trainer_devices, visible_gpus=visible_gpus)
 
@@ -65,7 +84,9 @@ def test_engine_environment_strips_the_process_group_and_pins_one_gpu():
 def test_engine_environment_maps_through_the_parents_visible_devices():
     env = engine_environment("cuda:2", {**TRAINER_ENV, "CUDA_VISIBLE_DEVICES": "2,3,5"})
     assert env["CUDA_VISIBLE_DEVICES"] == "5"
-    with pytest.raises(ValueError, match=r"'cuda:3' is outside the parent's CUDA_VISIBLE_DEVICES='2,3,5'"):
+    with pytest.raises(
+        ValueError, match=r"'cuda:3' is outside the parent's CUDA_VISIBLE_DEVICES='2,3,5'"
+    ):
         engine_environment("cuda:3", {"CUDA_VISIBLE_DEVICES": "2,3,5"})
 
 

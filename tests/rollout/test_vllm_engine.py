@@ -38,7 +38,9 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
         # holds it back; random tokens end mid-character often.)
         assert v.token_ids == h.token_ids and v.finish_reason == h.finish_reason
         assert v.prompt_token_ids == h.prompt_token_ids
-        torch.testing.assert_close(torch.tensor(v.logprobs), torch.tensor(h.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(v.logprobs), torch.tensor(h.logprobs), atol=1e-4, rtol=0
+        )
 
 
 def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, monkeypatch):
@@ -54,7 +56,9 @@ def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, m
     greedy = SamplingConfig(temperature=0.0, max_tokens=8)
     before = vllm_engine.generate(rollout_requests, greedy)
     vllm_engine.update_weights(policy.named_parameters())  # the same weights, in 64 KiB buckets
-    assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [r.token_ids for r in before]
+    assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [
+        r.token_ids for r in before
+    ]
     assert len(sent) > 10
     assert all(sum(bucket.values()) <= 64 * 1024 or len(bucket) == 1 for bucket in sent)
     names = [name for bucket in sent for name in bucket]
@@ -69,27 +73,36 @@ def test_seeded_batch_larger_than_one_prefill_step(vllm_engine, rollout_requests
     sampling = SamplingConfig(temperature=1.0, max_tokens=2, seed=5)
     first = vllm_engine.generate(batch, sampling)
     assert sum(len(r.prompt_token_ids) for r in first) > 4096
-    assert [r.token_ids for r in vllm_engine.generate(batch, sampling)] == [r.token_ids for r in first]
+    assert [r.token_ids for r in vllm_engine.generate(batch, sampling)] == [
+        r.token_ids for r in first
+    ]
 
 
 def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rollout_requests):
-    two_images = RolloutRequest(rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>", rollout_requests[0].images * 2)
+    two_images = RolloutRequest(
+        rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>",
+        rollout_requests[0].images * 2,
+    )
     with pytest.raises(VLLMEngineError, match="vLLM engine failed in generate"):
         vllm_engine.generate([two_images], SamplingConfig(max_tokens=2))
-    assert len(vllm_engine.generate(rollout_requests[:1], SamplingConfig(max_tokens=2, seed=0))) == 1
+    assert (
+        len(vllm_engine.generate(rollout_requests[:1], SamplingConfig(max_tokens=2, seed=0))) == 1
+    )
 
 
-_OWNER = textwrap.dedent(
-    """
+_OWNER = textwrap.dedent("""
     import os, sys
     from maye_pl.rollout.base import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 
     if __name__ == "__main__":
         model_dir, pid_file = sys.argv[1:]
-        engine = VLLMEngine(model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=64 * 2**20, device="cpu")
+        engine = VLLMEngine(
+            model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26, device="cpu"
+        )
         try:
-            engine.generate([RolloutRequest("hi", [])], SamplingConfig(temperature=0.0, n=2))  # greedy needs n=1
+            # vLLM refuses greedy sampling with n > 1.
+            engine.generate([RolloutRequest("hi", [])], SamplingConfig(temperature=0.0, n=2))
         except VLLMEngineError:
             pass
         with open(pid_file + ".tmp", "w") as f:
@@ -98,8 +111,7 @@ _OWNER = textwrap.dedent(
         # Busy until signalled (a minute of decoding per call), never calling engine.shutdown().
         while True:
             engine.generate([RolloutRequest("hi", [])] * 32, SamplingConfig(max_tokens=480, n=8))
-    """
-)
+    """)
 
 
 def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
@@ -114,14 +126,18 @@ def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
     for ending in ("ctrl-c", "sigterm"):
         pid_file = tmp_path / f"{ending}.pid"
         command = [sys.executable, str(script), str(tiny_model_dir), str(pid_file)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         owners[ending] = (process, pid_file)
     try:
         deadline = time.monotonic() + 180
         for ending, (process, pid_file) in owners.items():
             while not pid_file.exists():
                 assert process.poll() is None, f"{ending} owner died before starting its engine"
-                assert time.monotonic() < deadline, f"{ending} owner's engine did not start in 180 s"
+                assert (
+                    time.monotonic() < deadline
+                ), f"{ending} owner's engine did not start in 180 s"
                 time.sleep(0.2)
         family = {}
         for ending, (process, pid_file) in owners.items():
