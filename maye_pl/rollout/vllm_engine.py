@@ -129,9 +129,7 @@ class VLLMEngine:
             **(llm_kwargs or {}),
         }
         env = engine_environment(self.device)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = (
-            "0"  # engine core inside the host (module docstring)
-        )
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core inside the host (see top)
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -179,26 +177,30 @@ class VLLMEngine:
         """Load new weights (transformers names), streamed in ``weight_bucket_bytes`` buckets.
 
         At most one bucket is held in CPU memory at a time. Parameters not sent keep their values
-        (e.g. a frozen ViT need not be sent).
+        (e.g. a frozen ViT need not be sent). An update that fails midway (a bad name, an error
+        in ``named_tensors``) leaves the engine half-loaded, so the engine is shut down.
         """
         dtype = resolve_dtype(self.dtype)
         self._call("begin_update")
-        bucket: dict[str, torch.Tensor] = {}
-        size = 0
-        for name, tensor in named_tensors:
-            tensor = tensor.detach()
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensor = tensor.to("cpu").contiguous()  # (same shape)
-            nbytes = tensor.numel() * tensor.element_size()
-            if bucket and size + nbytes > self.weight_bucket_bytes:
+        try:
+            bucket: dict[str, torch.Tensor] = {}
+            size = 0
+            for name, tensor in named_tensors:
+                tensor = tensor.detach()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensor = tensor.to("cpu").contiguous()  # (same shape)
+                if bucket and size + tensor.nbytes > self.weight_bucket_bytes:
+                    self._send_bucket(bucket)
+                    bucket, size = {}, 0
+                bucket[name] = tensor
+                size += tensor.nbytes
+            if bucket:
                 self._send_bucket(bucket)
-                bucket, size = {}, 0
-            bucket[name] = tensor
-            size += nbytes
-        if bucket:
-            self._send_bucket(bucket)
-        kept = self._call("finish_update")
+            kept = self._call("finish_update")
+        except BaseException:
+            self.shutdown()
+            raise
         logger.debug(
             "weight update: %d engine parameters were not sent and kept their values", len(kept)
         )

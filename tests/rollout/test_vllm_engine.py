@@ -19,7 +19,7 @@ import torch
 from maye_pl.models.loading import load_policy
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
-from maye_pl.rollout.vllm_engine import VLLMEngineError
+from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -88,6 +88,21 @@ def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rol
     assert (
         len(vllm_engine.generate(rollout_requests[:1], SamplingConfig(max_tokens=2, seed=0))) == 1
     )
+
+
+def test_a_failed_update_shuts_the_engine_down(tiny_model_dir, policy):
+    engine = VLLMEngine(
+        tiny_model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26, device="cpu"
+    )
+    host = psutil.Process(engine.pid)
+    weights = [*policy.named_parameters(), ("model.language_model.no_such.weight", torch.zeros(2))]
+    with pytest.raises(VLLMEngineError, match="no_such"):
+        engine.update_weights(weights)
+    assert engine.pid is None  # half-loaded weights must not serve another rollout
+    _, alive = psutil.wait_procs([host], timeout=10)
+    assert not alive
+    with pytest.raises(VLLMEngineError, match="the engine was shut down; create a new VLLMEngine"):
+        engine.generate([RolloutRequest("hi")], SamplingConfig(max_tokens=2))
 
 
 _OWNER = textwrap.dedent("""
