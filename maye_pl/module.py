@@ -56,7 +56,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         eval_settings: list[EvalSetting] | None = None,
         validate_before_fit: bool = True,
         rewards: list[RewardTerm] | None = None,
-        reward_penalty: float = -0.1,
+        reward_penalty: float | None = -0.1,
         min_response_length: int | None = None,
         advantage_estimator: str = "reinforce_pp",
         maye_compat: bool = False,
@@ -93,7 +93,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             validate_before_fit: Run validation once before training ("Vanilla", epoch 0).
             rewards: Reward terms by import path and weight; None = accuracy + language (the paper).
             reward_penalty: Score given to a response with no stop token or shorter than
-                ``min_response_length`` (it replaces the reward, as in MAYE).
+                ``min_response_length`` (it replaces the reward, as in MAYE); None = no penalty.
             min_response_length: Shortest unpenalised response in tokens; None = no minimum.
             advantage_estimator: "reinforce_pp" (paper), "reinforce_pp_baseline" or "grpo".
             maye_compat: Whiten advantages per rank and add the mean back, exactly as MAYE's code
@@ -282,8 +282,12 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         # is too short) gets `reward_penalty` instead, as in MAYE.
         texts = [r.text for r in rollouts]
         scores, reward_components = score_responses(self.rewards, texts, samples)
+        scores = scores.to(self.device)
         penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
-        scores = rl.apply_penalty(scores.to(self.device), penalized, self.hparams.reward_penalty)  # (N,)
+        if self.hparams.reward_penalty is not None:
+            scores = rl.apply_penalty(scores, penalized, self.hparams.reward_penalty)  # (N,)
+        else:
+            penalized = torch.zeros_like(penalized)
 
         # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
         hp = self.hparams
@@ -321,8 +325,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
-        mb_tokens = int(mb.response_mask.sum())
-        normalizer = mb_tokens if hp.loss_agg == "token_mean" else mb.num_rows
+        normalizer = self.loss_normalizer(mb)
         micro_stats = []
         for micro_rows in torch.arange(mb.num_rows).chunk(hp.gradient_accumulation_steps):
             micro = mb.select(micro_rows)
@@ -330,7 +333,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             loss, loss_stats = rl.ppo_clip_loss(
                 logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.response_mask,
                 clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, kl_loss_coef=hp.kl_loss_coef,
-                loss_agg=hp.loss_agg, normalizer=max(1, normalizer),
+                loss_agg=hp.loss_agg, normalizer=normalizer,
             )
             self.manual_backward(loss)
             valid = micro.response_mask
@@ -351,6 +354,23 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             "policy/grad_norm": float(grad_norm),
             "policy/lr": scheduler.get_last_lr()[0],
         }
+
+    def loss_normalizer(self, mb: Trajectory) -> float:
+        """The loss denominator that makes data-parallel training equal one big minibatch.
+
+        FSDP/DDP average gradients over ranks, so dividing each rank's token sum by the GLOBAL
+        minibatch's tokens per rank gives the gradient of the token mean over all ranks' tokens
+        (a per-rank token mean would weight a rank's tokens by how few it has).
+        "seq_mean": every rank has the same number of rows, so the local count is already right.
+        """
+        if self.hparams.loss_agg != "token_mean":
+            return float(mb.num_rows)
+        tokens = mb.response_mask.sum().to(torch.float64)
+        group = self.process_group()
+        if group is not None:
+            dist.all_reduce(tokens, group=group)
+            tokens /= dist.get_world_size(group)
+        return max(float(tokens), 1.0)
 
     def log_rollout_metrics(self, rollouts: list[Rollout], trajectory: Trajectory) -> None:
         """What MAYE logs per generation step: rewards by component, KL, lengths, reflection, mismatch."""

@@ -41,6 +41,7 @@ def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_pat
         ppo_batch_size=8,
         kl_loss_coef=0.0,
         lr=1e-2,
+        reward_penalty=None,  # MAYE's no-EOS penalty would replace the letter reward of most rows
     )
     rollout = RolloutCallback(engine="vllm", device="cpu", kv_cache_gb=0.25, max_model_len=1024)
     trainer = pl.Trainer(

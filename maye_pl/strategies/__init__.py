@@ -1,5 +1,7 @@
 """FSDP2 training for HF vision-language models: strategy, loading, clipping, weight streaming."""
 
+from lightning.pytorch.strategies import StrategyRegistry
+
 from maye_pl.strategies.fsdp2 import HF_PATHS_KEY, FSDP2Strategy, hf_models, shard_hf_model
 from maye_pl.strategies.grad_clip import clip_grad_norm_
 from maye_pl.strategies.loading import has_meta_tensors, init_empty_pretrained, load_pretrained_weights
@@ -26,3 +28,8 @@ __all__ = [
     "shard_hf_model",
     "sync_weights",
 ]
+
+# `--trainer.strategy fsdp2` (or `strategy: fsdp2` in YAML) selects FSDP2Strategy with its defaults;
+# `class_path: maye_pl.strategies.FSDP2Strategy` + `init_args` sets its options.
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register("fsdp2", FSDP2Strategy, description="maye_pl's FSDP2 sharding of HF vision-language models")
