@@ -9,16 +9,19 @@ engine and the trainer.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoProcessor
 
 from maye_pl.data.jsonl import DatasetError, Sample, load_splits
 from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
+from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
 
 
 class MayeDataset(Dataset):
@@ -78,9 +81,16 @@ class MayeDataModule(L.LightningDataModule):
     Every line of every configured split is validated once, in the first ``setup()`` (before any
     training step); all problems of all splits are raised together as one ``DatasetError``.
     Training batches are shuffled and the last incomplete batch is dropped (every step sees
-    ``batch_size`` prompts per rank); under DDP/FSDP Lightning swaps in a ``DistributedSampler``
-    (``Trainer(use_distributed_sampler=True)``, the default) seeded from ``seed_everything``.
-    Val/test keep file order and every sample.
+    ``batch_size`` prompts per rank). The training order is a ``ResumableSampler``: epoch e is one
+    permutation from the ``seed_everything`` seed + e, sharded over the ranks by the sampler itself
+    (so ``Trainer(use_distributed_sampler=...)`` changes nothing), and a checkpoint taken mid-epoch
+    resumes at the next unseen prompt. Val/test keep file order and every sample.
+
+    Saved state: the training sampler's position (``state_dict``). The data module, not the loader,
+    carries it because Lightning restores data modules on every path, while a stateful loader's
+    state is silently dropped when ``configure_optimizers`` reads
+    ``trainer.estimated_stepping_batches`` (Lightning issue #20550; ReinforcePP does with
+    ``max_epochs``).
     """
 
     def __init__(
@@ -143,6 +153,9 @@ class MayeDataModule(L.LightningDataModule):
                        "test": max_eval_samples}
         self.datasets: dict[str, MayeDataset] | None = None
         self.processor: Any = None
+        self.train_sampler: ResumableSampler | None = None
+        # A checkpoint's sampler state that arrived before train_dataloader() built the sampler.
+        self._sampler_state_to_load: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Validate every configured split (once) and load the processor."""
@@ -158,36 +171,67 @@ class MayeDataModule(L.LightningDataModule):
         self.datasets = {name: MayeDataset(samples[: self.limits[name]], name)
                          for name, samples in splits.items()}
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | list:
+    def _check_setup(self) -> None:
         if self.datasets is None:
             raise RuntimeError("MayeDataModule: call setup() before asking for dataloaders")
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        self._check_setup()
         if split not in self.datasets:
             return []  # Lightning runs no loop for an empty list of dataloaders
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=PromptCollator(self.processor, self.prompt_style),
-        )
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          collate_fn=PromptCollator(self.processor, self.prompt_style))
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``batch_size`` prompts; the incomplete tail is dropped."""
-        loader = self._loader("train", self.batch_size, train=True)
-        if len(loader) == 0:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled training batches of ``batch_size`` prompts per rank; the incomplete tail is dropped."""
+        self._check_setup()
+        dataset = self.datasets["train"]
+        world_size, rank = self._world()
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank,
+                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        if len(sampler) < self.batch_size:
             raise ValueError(
-                f"`data.batch_size`={self.batch_size} exceeds the {len(self.datasets['train'])}"
-                f" training samples of {self.paths['train']}, so an epoch has no full batch;"
-                " lower the batch size or add samples"
+                f"`data.batch_size`={self.batch_size} exceeds the {len(sampler)} training samples per"
+                f" rank ({len(dataset)} in {self.paths['train']} over {world_size} rank(s)), so an"
+                " epoch has no full batch; lower the batch size or add samples"
             )
-        return loader
+        if self._sampler_state_to_load is not None:
+            sampler.load_state_dict(self._sampler_state_to_load)
+            self._sampler_state_to_load = None
+        self.train_sampler = sampler
+        return ResumableDataLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
+                                   collate_fn=PromptCollator(self.processor, self.prompt_style))
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank): the trainer's, else the process group's, else one process."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position (nothing before ``train_dataloader()`` ran)."""
+        return {} if self.train_sampler is None else {"train_sampler": self.train_sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order; Lightning calls this before or after ``train_dataloader()``
+        depending on the strategy and on whether the trainer read its length early."""
+        if "train_sampler" not in state_dict:
+            raise KeyError(
+                f"MayeDataModule.load_state_dict: the checkpoint's data module state has keys "
+                f"{sorted(state_dict)}, not 'train_sampler'; resume from a checkpoint written by maye_pl."
+            )
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(state_dict["train_sampler"])
+        else:
+            self._sampler_state_to_load = state_dict["train_sampler"]
 
     def val_dataloader(self) -> list[DataLoader]:
         """The validation loop scores val AND test, in file order: the paper reports both after
         every epoch. Each item's ``split`` says which; a split without a path is left out."""
-        return [loader for split in ("val", "test") if (loader := self._loader(split, self.eval_batch_size, train=False))]
+        return [loader for split in ("val", "test") if (loader := self._eval_loader(split))]
 
     def test_dataloader(self) -> DataLoader | list:
         """Test batches in file order (an empty list when no ``test_path``)."""
-        return self._loader("test", self.eval_batch_size, train=False)
+        return self._eval_loader("test")
