@@ -12,17 +12,21 @@ this strategy finds every HF ``PreTrainedModel`` attribute of the module and, pe
 
 Then ``ModelParallelStrategy.setup`` runs as usual (optimizers see the sharded DTensor
 parameters). Checkpoints are distributed (DCP directories) by default, with each model's source
-directory recorded so ``maye_pl.export`` can rebuild a ``save_pretrained`` directory.
+directory recorded so ``maye_pl.export`` can rebuild a ``save_pretrained`` directory; both formats
+are written beside the target and moved into place once complete (``publish_checkpoint``).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -233,10 +237,54 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        """Write the checkpoint beside ``filepath`` and move it there only once every rank has finished.
+
+        A crash mid-save leaves ``filepath`` as it was (the previous checkpoint, or nothing) and a
+        ``.<name>.partial`` sibling that the next save to the same path removes.
+        """
         # Where each model came from, so the export can copy config, tokenizer and processor files.
         assert self.lightning_module is not None
         checkpoint[HF_PATHS_KEY] = {name: str(Path(m.name_or_path)) for name, m in hf_models(self.lightning_module)}
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        if path.is_dir() and not _is_sharded_checkpoint(path):
+            raise IsADirectoryError(
+                f"FSDP2Strategy.save_checkpoint: {path} is a directory but not a distributed checkpoint;"
+                " saving would replace it — choose another checkpoint path."
+            )
+        partial = path.with_name(f".{path.name}.partial")
+        if self.is_global_zero:
+            _remove_path(partial)  # left by a save that crashed
+        self.barrier("FSDP2Strategy.save_checkpoint: partial path clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("FSDP2Strategy.save_checkpoint: all ranks written")
+        if self.is_global_zero:
+            publish_checkpoint(partial, path)
+
+
+def publish_checkpoint(written: Path, final: Path) -> None:
+    """Move a completely written checkpoint (file or DCP directory) to ``final``, replacing what is there.
+
+    A file over a file is one atomic ``os.replace``. A directory cannot atomically replace another
+    one, so the old checkpoint is first renamed to ``.<name>.replaced`` and deleted only after the
+    new one is in place: a crash between the two renames leaves no checkpoint at ``final`` but a
+    complete one at each of the two sibling paths. Both paths must be on one file system.
+    """
+    if not (written.is_dir() or final.is_dir()):
+        os.replace(written, final)
+        return
+    replaced = final.with_name(f".{final.name}.replaced")
+    _remove_path(replaced)
+    if final.exists():
+        os.replace(final, replaced)
+    os.replace(written, final)
+    _remove_path(replaced)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _move_buffers(module: nn.Module, device: torch.device) -> None:
