@@ -66,6 +66,50 @@ def load_policy(
     return model
 
 
+def build_policy_and_reference(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype,
+    attn_implementation: str,
+    train_vit: bool,
+    train_connector: bool,
+    train_llm: bool,
+    gradient_checkpointing: bool,
+    with_reference: bool,
+    on_meta: bool,
+) -> tuple[nn.Module, nn.Module | None]:
+    """The trainable policy and, when asked, a frozen copy of it (the KL reference).
+
+    Args:
+        path: the checkpoint directory both are built from.
+        dtype: parameter dtype, as for ``load_policy``.
+        attn_implementation: attention backend, as for ``load_policy``.
+        train_vit, train_connector, train_llm: which parts of the policy train (``freeze_modules``).
+        gradient_checkpointing: recompute the policy's decoder activations in backward.
+        with_reference: also build the frozen reference (eval mode, no gradients).
+        on_meta: build on the meta device with no weights (``init_empty_pretrained``), for
+            FSDP2Strategy to shard first and then load on rank 0 only; else load on the CPU.
+
+    Returns:
+        (policy in train mode, reference or None).
+    """
+    if on_meta:
+        # Imported here: the strategies package pulls in Lightning, which the engine process that
+        # imports this module for resolve_dtype does not need.
+        from maye_pl.strategies.loading import init_empty_pretrained as build
+    else:
+        build = load_policy
+    policy = build(path, dtype=dtype, attn_implementation=attn_implementation)
+    freeze_modules(policy, train_vit=train_vit, train_connector=train_connector, train_llm=train_llm)
+    if gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = None
+    if with_reference:
+        reference = build(path, dtype=dtype, attn_implementation=attn_implementation)
+        reference.requires_grad_(False).eval()
+    return policy, reference
+
+
 def load_processor(path: str | os.PathLike):
     """The checkpoint's processor (tokenizer + image processor + chat template)."""
     from transformers import AutoProcessor
