@@ -31,7 +31,7 @@ from maye_pl.evaluation import (
     reflection_counts,
 )
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
-from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
+from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
@@ -126,6 +126,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards())
         self.processor = load_processor(model_path)
         self.stop_token_ids = stop_token_ids(GenerationConfig.from_pretrained(model_path), self.processor.tokenizer)
+        # The engines never sample these (a sampled <|image_pad|> would break the forward).
+        self.banned_token_ids = vision_token_ids(self.processor.tokenizer)
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.needs_reference = kl_reward_coef != 0.0 or kl_loss_coef != 0.0
@@ -305,6 +307,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         return response_logprobs(
             model, inputs, temperature=self.sampling.temperature,
             forward_batch_size=self.hparams.forward_batch_size, return_entropy=return_entropy,
+            banned_token_ids=self.banned_token_ids,
         )
 
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:

@@ -9,7 +9,8 @@ and samples the same responses. One minibatch per generation step (ppo_batch_siz
 after two optimizer steps the policies must agree to 1e-5: this proves the prompt gather/scatter
 through rank 0, the global whitening of advantages, the global token-mean loss normaliser, the
 sharded reference model, DTensor gradient clipping and the weight streaming into the engine (the
-second step's rollouts come from the synced weights) compose into the single-process algorithm.
+second step's rollouts come from the synced weights) compose into the single-process algorithm;
+and the engine's logprobs of its samples equal the sharded trainer's after each sync (≤ 1e-4).
 """
 
 from __future__ import annotations
@@ -86,4 +87,10 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     moved = max((single_weights[k] - initial[k]).abs().max().item() for k in single_weights)
     print(f"max |trained - initial| = {moved:.3g}")
     assert moved > 10 * max(diff, 1e-7)  # the runs trained: weights moved far beyond their difference
+    # The second step sampled from weights streamed out of the shards: the engine's logprobs of its
+    # own samples equal the sharded trainer's (mean abs difference over every sampled token).
+    rows = [json.loads(line) for line in (sharded.parent.parent / "metrics.jsonl").read_text().splitlines()]
+    mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
+    print(f"engine/trainer logprob mismatch per step: {mismatch}")
+    assert len(mismatch) == 2 and max(mismatch) <= 1e-4
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in single_weights.values()])).all()

@@ -232,7 +232,11 @@ def _trim(inputs: PolicyInputs) -> PolicyInputs:
 
 
 def _chunk_scores(
-    model: nn.Module, chunk: PolicyInputs, temperature: float, return_entropy: bool
+    model: nn.Module,
+    chunk: PolicyInputs,
+    temperature: float,
+    return_entropy: bool,
+    banned_token_ids: Sequence[int] | None,
 ) -> tuple[Tensor, Tensor | None]:
     """(n, T) logprobs (and entropies) of one chunk, zero on response padding."""
     trimmed = _trim(chunk)
@@ -252,6 +256,9 @@ def _chunk_scores(
         logits_to_keep=t + 1,  # the lm_head runs on the response positions only
     )
     logits = out.logits[:, :-1]  # (n, t, V): column P-1+j scores response token j
+    if banned_token_ids:
+        # The engine samples with these tokens banned: score the same distribution it sampled.
+        logits = logits.index_fill(-1, torch.as_tensor(banned_token_ids, device=logits.device), float("-inf"))
     mask = trimmed.response_mask
     logprobs[:, :t] = token_logprobs(logits, trimmed.response_ids, temperature).masked_fill(
         ~mask, 0.0
@@ -268,6 +275,7 @@ def response_logprobs(
     temperature: float,
     forward_batch_size: int | None = None,
     return_entropy: bool = False,
+    banned_token_ids: Sequence[int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the response tokens under ``softmax(logits / temperature)``.
 
@@ -280,6 +288,8 @@ def response_logprobs(
         temperature: the sampling temperature the responses were drawn at.
         forward_batch_size: rows per forward pass, to bound activation memory.
         return_entropy: also return the entropy of the full tempered distribution per token.
+        banned_token_ids: tokens the sampler never emits (the vision special tokens): their
+            logits are set to -inf, so the scores are those of the distribution that was sampled.
 
     Returns:
         (N, T) fp32 logprobs, 0 on padding; with ``return_entropy`` a tuple (logprobs, entropy),
@@ -293,7 +303,9 @@ def response_logprobs(
     N = inputs.num_rows
     step = forward_batch_size or max(N, 1)
     scores = [
-        _chunk_scores(model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy)
+        _chunk_scores(
+            model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy, banned_token_ids
+        )
         for s in range(0, N, step)
     ]
     logprobs = (

@@ -28,35 +28,20 @@ def engine(request, tiny_model_dir, tiny_processor):
     return HFEngine(load_policy(tiny_model_dir).eval(), tiny_processor)
 
 
-class _AsSampled(torch.nn.Module):
-    """The policy with the engines' vision-token suppression added to its logits.
-
-    Engine logprobs are those of the distribution actually sampled from, in which the vision
-    tokens are suppressed; the bare policy gives them ~0.5% of the mass in this random tiny model
-    (~1e-9 in a trained one), so scoring through this wrapper is the exact comparison.
-    """
-
-    def __init__(self, model: torch.nn.Module, banned_ids: list[int]) -> None:
-        super().__init__()
-        self.model, self.banned_ids = model, banned_ids
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        out.logits[..., self.banned_ids] = float("-inf")
-        return out
-
-
 def _score(model, processor, requests, rollouts, n, temperature):
-    """Trainer-side (N, T) logprobs of the engine's responses, the engine's own, and the mask."""
+    """Trainer-side (N, T) logprobs of the engine's responses, the engine's own, and the mask.
+
+    Scored as the trainer does: with the engines' vision-token ban applied to the logits (the
+    engines return logprobs of the distribution actually sampled from; the bare random tiny policy
+    gives the vision tokens ~0.5% of the mass).
+    """
     rows = [request for request in requests for _ in range(n)]
     inputs = build_policy_inputs(
         processor, rows, [r.token_ids for r in rollouts], processor.tokenizer.pad_token_id
     )
     with torch.no_grad():
         scored = response_logprobs(
-            _AsSampled(model, vision_token_ids(processor.tokenizer)),
-            inputs,
-            temperature=temperature,
+            model, inputs, temperature=temperature, banned_token_ids=vision_token_ids(processor.tokenizer)
         )
     engine = torch.zeros_like(scored)
     for row, rollout in enumerate(rollouts):
