@@ -312,6 +312,12 @@ def _start_llm(engine_args: dict[str, Any]):
         "-c",
         "import maye_pl; from vllm.model_executor.models.registry import _run; _run()",
     ]
+    # With the engine core in this process, vLLM's CPU worker swaps torch.set_num_threads for a
+    # stub that warns on every call, and vLLM's renderer calls it around every image request: one
+    # warning per prompt (hundreds per step). The stub's skip is harmless; drop its message.
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+        lambda record: "torch.set_num_threads" not in record.getMessage()
+    )
     return LLM(**engine_args)
 
 
