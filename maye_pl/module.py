@@ -31,11 +31,11 @@ from maye_pl.evaluation import (
     reflection_counts,
 )
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
-from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids, vision_token_ids
+from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
-from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_, init_empty_pretrained
+from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory
 
 
@@ -175,15 +175,12 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy)
-        build = init_empty_pretrained if sharded else load_policy
-        self.policy = build(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
-        freeze_modules(self.policy, train_vit=hp.train_vit, train_connector=hp.train_connector, train_llm=hp.train_llm)
-        if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.needs_reference:
-            self.ref_policy = build(hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation)
-            self.ref_policy.requires_grad_(False).eval()
+        self.policy, self.ref_policy = build_policy_and_reference(
+            hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+            train_vit=hp.train_vit, train_connector=hp.train_connector, train_llm=hp.train_llm,
+            gradient_checkpointing=hp.gradient_checkpointing, with_reference=self.needs_reference,
+            on_meta=self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy),
+        )
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
