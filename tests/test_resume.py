@@ -68,8 +68,8 @@ def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
 
     lr 1e-3 (the demo's is 1e-5) moves the weights far enough in 2 steps that an engine still
     holding the initial weights is plainly visible at step 3 (measured with the callback's setup
-    patched not to mark its weights stale: engine mismatch 0.37 instead of 0.0037, policy/kl off
-    by 0.24, 10 of the 42 step metrics off by more than 1e-6), so equal step-3 metrics prove the
+    patched not to mark its weights stale: engine mismatch 0.37 instead of 5e-7, policy/kl off by
+    0.24, 10 of the 42 step metrics off by more than 1e-6), so equal step-3 metrics prove the
     restored weights reached the engine before its first rollout.
     """
     out = tmp_path / name
@@ -129,8 +129,8 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path):
         assert max(diff.values()) <= 1e-6, (step, {k: d for k, d in diff.items() if d > 1e-6})
     first = resumed_rows[RESUME_AFTER + 1]
     assert first["step"] == (RESUME_AFTER + 1) * OPTIMIZER_STEPS_PER_GENERATION
-    # The engine's logprobs agree with the trainer's at the first resumed step as closely as ever.
-    assert first["policy/engine_logprob_mismatch"] <= 1.5 * full_rows[1]["policy/engine_logprob_mismatch"] + 1e-6
+    # The engine samples from the trainer's weights at the first resumed step (5e-7; stale: 0.37).
+    assert first["policy/engine_logprob_mismatch"] < 1e-3
 
     full_ids, resumed_ids = _ids(full), _ids(resumed)
     assert resumed_ids == {step: full_ids[step] for step in range(RESUME_AFTER, STEPS)}  # 0-based here
