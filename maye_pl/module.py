@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from transformers import GenerationConfig
 
 from maye_pl import rl
@@ -37,6 +38,9 @@ from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory
+
+
+REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 
 
 class ReinforcePP(PaperEvaluation, pl.LightningModule):
@@ -395,6 +399,21 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             self.log("reward/accuracy", accuracy, on_step=True, on_epoch=True, sync_dist=True, prog_bar=True,
                      batch_size=trajectory.num_rows)
         self.log("reward", trajectory.scores.mean(), prog_bar=True, logger=False, batch_size=trajectory.num_rows)
+        if "accuracy" in trajectory.reward_components:
+            self.log_reflective_sample([r.text for r in rollouts], trajectory.reward_components["accuracy"])
+
+    def log_reflective_sample(self, texts: list[str], accuracy: torch.Tensor) -> None:
+        """One correct, reflective response of this step as a text sample, for loggers that take text."""
+        sample = next((text for text, correct in zip(texts, accuracy.tolist())
+                       if correct > 0 and reflection_counts([text], [True])["n_reflective"]), None)
+        if sample is None:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_text(REFLECTIVE_SAMPLE_KEY, columns=["generation_step", "response"],
+                                data=[[self.generation_step, sample]])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text(REFLECTIVE_SAMPLE_KEY, sample, self.trainer.global_step)
 
     def reflection_metrics(self, texts: list[str], accuracy: torch.Tensor | None) -> dict[str, float]:
         """MAYE's reflection ratios from counts summed over all ranks (not a mean of per-rank ratios)."""

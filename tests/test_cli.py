@@ -126,3 +126,30 @@ def test_demo_fit_test_and_report(tmp_path):
 
     assert {p.pid for p in _engine_processes()} <= before, "an engine process outlived its run"
     assert os.path.isdir(tmp_path / "tiny") and (tmp_path / "geo" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("logger", "expect"),
+    [
+        (["--trainer.logger", "TensorBoardLogger"], "events.out.tfevents.*"),
+        (["--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true"], "wandb/offline-run-*"),
+    ],
+    ids=["tensorboard", "wandb-offline"],
+)
+def test_loggers_are_selected_on_the_command_line(tmp_path, logger, expect):
+    """`--trainer.logger` swaps the CSV logger for TensorBoard or W&B (offline: no network), and
+    metrics.jsonl still lands in the run directory. The HF engine keeps this test fast; the vLLM
+    path is covered above."""
+    _maye_pl(
+        "fit", "--config", str(REPO / "configs/demo.yaml"), *logger,
+        "--trainer.logger.save_dir", str(tmp_path / "runs"),
+        "--model.model_path", str(tmp_path / "tiny"),
+        "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
+        "--model.validate_before_fit", "false", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+        "--rollout.engine", "hf",
+        cwd=tmp_path,
+    )
+    assert list((tmp_path / "runs").rglob(expect))
+    [metrics] = list((tmp_path / "runs").rglob("metrics.jsonl"))
+    assert any("loss/policy" in json.loads(line) for line in metrics.read_text().splitlines())

@@ -81,3 +81,23 @@ def test_trajectory_masks_penalties_rewards_and_advantages(tiny_model_dir, promp
     assert torch.all(trajectory.old_logprobs[trajectory.response_mask] < 0)
     valid = trajectory.advantages[trajectory.response_mask]
     assert valid.mean().abs() < 1e-5  # whitened to zero mean over the (here single-rank) global batch
+
+
+def test_a_correct_reflective_response_is_logged_as_text(tiny_model_dir, tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = ReinforcePP(str(tiny_model_dir))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    module.trainer = Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
+    texts = ["wait, no box", "Wait, let me verify: \\boxed{5}", "plain \\boxed{5}"]
+    module.log_reflective_sample(texts, torch.tensor([0.0, 1.0, 1.0]))  # only the 2nd is both
+    logger.experiment.flush()
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    [tag] = events.Tags()["tensors"]
+    assert tag.startswith("samples/reflective_correct")
+    [logged] = events.Tensors(tag)
+    assert b"let me verify" in logged.tensor_proto.string_val[0]
