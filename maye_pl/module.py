@@ -12,8 +12,8 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
 
 from __future__ import annotations
 
-import math
 import time
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +34,7 @@ from maye_pl.evaluation import (
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.evaluation.scheme import PaperEvaluation
+from maye_pl.optim import tokens_per_rank, warmup_cosine
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
@@ -200,15 +201,9 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         hp = self.hparams
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
-        total_steps = max(1, self.total_gradient_steps())
-
-        def warmup_cosine(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=max(1, self.total_gradient_steps()),
+                           min_lr_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def total_gradient_steps(self) -> int:
@@ -360,21 +355,11 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         }
 
     def loss_normalizer(self, mb: Trajectory) -> float:
-        """The loss denominator that makes data-parallel training equal one big minibatch.
-
-        FSDP/DDP average gradients over ranks, so dividing each rank's token sum by the GLOBAL
-        minibatch's tokens per rank gives the gradient of the token mean over all ranks' tokens
-        (a per-rank token mean would weight a rank's tokens by how few it has).
-        "seq_mean": every rank has the same number of rows, so the local count is already right.
-        """
+        """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the
+        ranks' averaged gradients equal one big minibatch's; "seq_mean": the rows (equal on every rank)."""
         if self.hparams.loss_agg != "token_mean":
             return float(mb.num_rows)
-        tokens = mb.response_mask.sum().to(torch.float64)
-        group = self.process_group()
-        if group is not None:
-            dist.all_reduce(tokens, group=group)
-            tokens /= dist.get_world_size(group)
-        return max(float(tokens), 1.0)
+        return tokens_per_rank(mb.response_mask, self.process_group())
 
     def log_rollout_metrics(self, rollouts: list[Rollout], trajectory: Trajectory) -> None:
         """What MAYE logs per generation step: rewards by component, KL, lengths, reflection, mismatch."""
