@@ -56,8 +56,12 @@ class MayeCLI(LightningCLI):
         ensure_geometry_dataset(Path(config.data.train_path).parent, **DEMO_GEOMETRY)
 
     def before_fit(self) -> None:
-        """Validate once before training: the paper's "Vanilla" column (epoch 0)."""
-        if not getattr(self.model.hparams, "validate_before_fit", False):
+        """Validate once before training: the paper's "Vanilla" column (epoch 0).
+
+        Not when resuming (``--ckpt_path``): the run already has its Vanilla row, and the model
+        holds the initial weights until fit restores the checkpoint.
+        """
+        if not getattr(self.model.hparams, "validate_before_fit", False) or self._get(self.config, "ckpt_path"):
             return
         rollout = next(c for c in self.trainer.callbacks if isinstance(c, RolloutCallback))
         rollout.keep_engine_after_validate = True  # the same engine serves the fit that follows
