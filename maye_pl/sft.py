@@ -160,7 +160,8 @@ class SFT(PaperEvaluation, pl.LightningModule):
         schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps,
                            min_lr_ratio=hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # Returned for Lightning to checkpoint; optimizer_step steps it once per optimizer step.
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ------------------------------------------------------------------ training
 
