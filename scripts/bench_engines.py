@@ -8,7 +8,8 @@ requests (image prompts of 4 and 12 vision tokens, and text-only prompts) with t
 (T=1.0, top_p=1.0, seeded). Measured, with HFEngine as the baseline of every ratio:
 
 - start: wall seconds from nothing to an engine ready to generate (HF: load the policy and
-  processor; vLLM: spawn the host, import vLLM, load, allocate the KV cache);
+  processor, transformers already imported by the tiny-model build; vLLM: spawn the host, import
+  vLLM and transformers there, load, allocate the KV cache);
 - generate: the median over ``--repeats`` calls of generated tokens / wall seconds, after one
   untimed warm-up call each (both engines build lazy state on their first call). Tokens are the
   response tokens each engine returned (stop token included, no padding), so the two engines'
