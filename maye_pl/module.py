@@ -7,7 +7,7 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
     Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollouts
     Step III  trajectory     prompt+response tokens, old/ref logprobs, rewards, advantages
     Step IV   policy update  ppo_epochs × minibatches × gradient accumulation of PPO-clip + k3 KL
-    (then)    weight sync    RolloutCallback.on_train_batch_end streams the new weights to the engine
+    (then)    weight sync    RolloutCallback streams the new weights into the engine before it next generates
 """
 
 from __future__ import annotations
@@ -31,15 +31,14 @@ from maye_pl.evaluation import (
     ratios_from_counts,
     reflection_counts,
 )
+from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
-from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.optim import tokens_per_rank, warmup_cosine
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory
-
 
 REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 

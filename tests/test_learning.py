@@ -4,8 +4,8 @@ The reward is the share of the letter "e" in the response text, a user reward gi
 (`test_learning.letter_share_reward`, no change to maye_pl). The random tiny policy starts near the
 letter's base rate; if the gradient sign, the advantages, or the weight sync into the engine were
 wrong, the engine would keep sampling from the initial policy and the reward would not move. Over
-16 generation steps the mean reward of the last three steps must beat the first three by a wide
-margin (seen: 0.10 → 0.30).
+8 generation steps the mean reward of the last three steps must beat the first three by a wide
+margin.
 """
 
 from __future__ import annotations
@@ -40,18 +40,19 @@ def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_pat
         validate_before_fit=False,
         ppo_batch_size=8,
         kl_loss_coef=0.0,
-        lr=1e-2,
+        lr=3e-2,
         reward_penalty=None,  # MAYE's no-EOS penalty would replace the letter reward of most rows
     )
     rollout = RolloutCallback(engine="vllm", device="cpu", kv_cache_gb=0.25, max_model_len=1024)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, logger=pl.loggers.CSVLogger(tmp_path / "runs"),
+        accelerator="cpu", devices=1, max_epochs=1, logger=pl.loggers.CSVLogger(tmp_path / "runs"),
         callbacks=[rollout, MetricsFileCallback()], enable_checkpointing=False, enable_progress_bar=False,
     )
     trainer.fit(module, data)
     assert rollout.engine is None  # shut down at teardown
 
     rewards = [row["reward/letter"] for row in read_metrics(trainer.log_dir) if "reward/letter" in row]
-    assert len(rewards) == 16  # 64 prompts / 8 per step × 2 epochs
+    print(f"reward/letter per generation step: {[round(r, 3) for r in rewards]}")
+    assert len(rewards) == 8  # 64 prompts / 8 per step
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.08, f"reward did not rise: first steps {rewards[:3]}, last steps {rewards[-3:]}"
