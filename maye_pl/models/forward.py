@@ -237,6 +237,7 @@ def _chunk_scores(
     temperature: float,
     return_entropy: bool,
     banned_token_ids: Sequence[int] | None,
+    logits_chunk_size: int | None,
 ) -> tuple[Tensor, Tensor | None]:
     """(n, T) logprobs (and entropies) of one chunk, zero on response padding."""
     trimmed = _trim(chunk)
@@ -258,13 +259,15 @@ def _chunk_scores(
     logits = out.logits[:, :-1]  # (n, t, V): column P-1+j scores response token j
     if banned_token_ids:
         # The engine samples with these tokens banned: score the same distribution it sampled.
-        logits = logits.index_fill(-1, torch.as_tensor(banned_token_ids, device=logits.device), float("-inf"))
+        # In place: the lm_head's backward does not need its output, and a copy would double it.
+        logits.index_fill_(-1, torch.as_tensor(banned_token_ids, device=logits.device), float("-inf"))
     mask = trimmed.response_mask
-    logprobs[:, :t] = token_logprobs(logits, trimmed.response_ids, temperature).masked_fill(
-        ~mask, 0.0
-    )
+    logprobs[:, :t] = token_logprobs(
+        logits, trimmed.response_ids, temperature, logits_chunk_size
+    ).masked_fill(~mask, 0.0)
     if entropy is not None:
-        entropy[:, :t] = token_entropy(logits, temperature).masked_fill(~mask, 0.0)
+        with torch.no_grad():  # a statistic to log: no autograd graph over (n, t, V) tensors
+            entropy[:, :t] = token_entropy(logits, temperature, logits_chunk_size).masked_fill(~mask, 0.0)
     return logprobs, entropy
 
 
@@ -276,6 +279,7 @@ def response_logprobs(
     forward_batch_size: int | None = None,
     return_entropy: bool = False,
     banned_token_ids: Sequence[int] | None = None,
+    logits_chunk_size: int | None = 256,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the response tokens under ``softmax(logits / temperature)``.
 
@@ -287,9 +291,12 @@ def response_logprobs(
         inputs: from ``build_policy_inputs``, on the model's device.
         temperature: the sampling temperature the responses were drawn at.
         forward_batch_size: rows per forward pass, to bound activation memory.
-        return_entropy: also return the entropy of the full tempered distribution per token.
+        return_entropy: also return the entropy of the full tempered distribution per token
+            (no gradient: it is logged, not optimised).
         banned_token_ids: tokens the sampler never emits (the vision special tokens): their
             logits are set to -inf, so the scores are those of the distribution that was sampled.
+        logits_chunk_size: response positions per fp32 log-softmax chunk (``token_logprobs``):
+            bounds the temporaries to rows * chunk * V fp32 values (None = all positions).
 
     Returns:
         (N, T) fp32 logprobs, 0 on padding; with ``return_entropy`` a tuple (logprobs, entropy),
@@ -304,7 +311,8 @@ def response_logprobs(
     step = forward_batch_size or max(N, 1)
     scores = [
         _chunk_scores(
-            model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy, banned_token_ids
+            model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy, banned_token_ids,
+            logits_chunk_size,
         )
         for s in range(0, N, step)
     ]

@@ -36,6 +36,46 @@ def _check_temperature(temperature: float) -> None:
         )
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """``z_token / τ - logsumexp(z / τ)`` whose backward keeps only the logits and the (N, T)
+    logsumexp, and rebuilds the softmax one chunk of positions at a time.
+
+    Autograd through ``logsumexp`` would keep every chunk's fp32 copy of the logits for backward
+    (N * T * V fp32 on top of the logits); here the extra memory is the logits' gradient, which
+    the backward pass needs anyway, plus one chunk's fp32 temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, step: int) -> Tensor:
+        N, T, _ = logits.shape
+        logprobs = torch.empty((N, T), dtype=torch.float32, device=logits.device)  # (N, T)
+        lse = torch.empty_like(logprobs)  # (N, T)
+        for start in range(0, T, step):
+            span = slice(start, start + step)
+            chunk = logits[:, span].float() / temperature  # (N, t, V)
+            lse[:, span] = torch.logsumexp(chunk, dim=-1)
+            logprobs[:, span] = chunk.gather(-1, token_ids[:, span].unsqueeze(-1)).squeeze(-1) - lse[:, span]
+        ctx.save_for_backward(logits, token_ids, lse)
+        ctx.temperature, ctx.step = temperature, step
+        return logprobs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs: Tensor) -> tuple[Tensor, None, None, None]:
+        # d logp(y) / d z_v = (1[v = y] - p_v) / τ
+        logits, token_ids, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)  # (N, T, V), the logits' dtype
+        for start in range(0, logits.shape[1], ctx.step):
+            span = slice(start, start + ctx.step)
+            upstream = grad_logprobs[:, span].unsqueeze(-1).float()  # (N, t, 1)
+            # One fp32 temporary per chunk: copy, then scale, shift and exponentiate in place.
+            probs = logits[:, span].to(torch.float32, copy=True).div_(ctx.temperature)  # (N, t, V)
+            probs.sub_(lse[:, span].unsqueeze(-1)).exp_()
+            chunk_grad = probs.mul_(-upstream).scatter_add_(-1, token_ids[:, span].unsqueeze(-1), upstream)
+            grad_logits[:, span] = chunk_grad.div_(ctx.temperature)
+        return grad_logits, None, None, None
+
+
 def token_logprobs(
     logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int | None = None
 ) -> Tensor:
@@ -47,12 +87,13 @@ def token_logprobs(
         token_ids: (N, T) long.
         temperature: the sampling temperature; the policy being optimised is the tempered one.
         chunk_size: process this many positions of T at a time (None = all at once). Each chunk
-            is upcast to fp32 on its own, so under ``torch.no_grad`` (old/ref log-probs) peak
-            extra memory is N * chunk_size * V fp32 values. With grad, autograd keeps every
-            chunk's fp32 copy for logsumexp's backward: N * T * V fp32 in total, chunked or not.
+            is upcast to fp32 on its own, so the extra memory is a few N * chunk_size * V fp32
+            temporaries, forward and backward; with grad, the backward pass also allocates the
+            logits' gradient (N * T * V in the logits' dtype). Nothing of size N * T * V is kept
+            between forward and backward beyond the logits themselves.
 
     Returns:
-        (N, T) fp32 log p(token_ids[n, t]); differentiable w.r.t. ``logits``.
+        (N, T) fp32 log p(token_ids[n, t]); differentiable w.r.t. ``logits`` (once).
     """
     if logits.dim() != 3 or token_ids.shape != logits.shape[:2]:
         raise ValueError(
@@ -61,15 +102,7 @@ def token_logprobs(
         )
     _check_temperature(temperature)
     step = _check_chunk_size(chunk_size, logits.shape[1])
-    out = []
-    for start in range(0, logits.shape[1], step):
-        chunk = logits[:, start : start + step].float() / temperature  # (N, t, V)
-        ids = token_ids[:, start : start + step].unsqueeze(-1)  # (N, t, 1)
-        picked = chunk.gather(-1, ids).squeeze(-1)  # (N, t)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))  # (N, t)
-    if not out:
-        return logits.new_zeros(logits.shape[:2], dtype=torch.float32)
-    return torch.cat(out, dim=1)  # (N, T)
+    return _TokenLogprobs.apply(logits, token_ids, temperature, step)  # (N, T)
 
 
 def token_entropy(

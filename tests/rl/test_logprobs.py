@@ -63,6 +63,28 @@ def test_bf16_logits_computed_in_fp32_and_gradient_matches():
     torch.testing.assert_close(ours, leaf.grad)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_gradient_equals_autograd_of_log_softmax_with_banned_tokens(chunk_size):
+    # The hand-written backward, d logp(y)/dz_v = (1[v=y] - p_v)/T, against autograd of the naive
+    # form, with a banned (-inf) vocabulary entry: its gradient is exactly 0, and nothing is nan.
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(2, 5, 9, generator=gen) * 3
+    base[..., 4] = -float("inf")
+    ids = torch.randint(0, 4, (2, 5), generator=gen)  # never the banned token 4
+    weights = torch.randn(2, 5, generator=gen)  # a non-uniform upstream gradient
+    ours, naive = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    (token_logprobs(ours, ids, 0.6, chunk_size) * weights).sum().backward()
+    (_naive_logprobs(naive, ids, 0.6) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, naive.grad)
+    assert torch.all(ours.grad[..., 4] == 0)
+
+
+def test_gradient_of_bf16_logits_is_bf16():
+    logits = torch.randn(1, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    token_logprobs(logits, torch.zeros(1, 4, dtype=torch.long), chunk_size=2).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
 def test_entropy_with_masked_vocab_is_finite():
     # -inf logits (a masked vocabulary entry) have p = 0 and add nothing: H([1/2, 1/2, 0]) = ln 2
     logits = torch.tensor([[[1.0, 1.0, -float("inf")]]])
