@@ -3,6 +3,7 @@
     python scripts/bench_logprobs.py                       # T=1024, V=32k and 152k, fp32 + bf16
     python scripts/bench_logprobs.py --quick               # T=256
     python scripts/bench_logprobs.py --rows 8 --repeats 3  # N=8 for both vocabularies
+    python scripts/bench_logprobs.py --device cuda --tokens 2048 --rows 4  # on a GPU
 
 Notation: N response rows, T response tokens, V vocabulary.
 
@@ -26,6 +27,9 @@ pinned at 1 MiB (``mallopt``): every block of 1 MiB or more is its own mapping, 
 when freed, so RSS follows the live tensors (glibc's default raises the threshold after the first
 large free and then serves such blocks from a heap that keeps freed pages resident: measured, it
 inflated a chunked backward's peak by ~1.6 L).
+
+On ``--device cuda`` the peak is the CUDA caching allocator's ``max_memory_allocated`` above the
+allocation at the start of the run, and each run ends with ``torch.cuda.synchronize()``.
 
 Time: median wall time of ``--repeats`` runs (the first run is not discarded: every run touches
 fresh pages, so none is "warm"). The machine's other load makes times noisy; ratios of runs taken
@@ -96,16 +100,35 @@ class PeakRSS:
         self.extra = _proc_status_bytes("VmHWM") - self.start
 
 
-def measure(run: Callable[[], object], repeats: int) -> tuple[float, int]:
-    """Median wall seconds and largest peak extra RSS bytes of ``run()`` over ``repeats`` calls.
+class PeakCUDA:
+    """Context manager: ``extra`` = peak CUDA bytes allocated inside the block above the start."""
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        self.extra = 0
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.cuda.synchronize()
+        self.extra = torch.cuda.max_memory_allocated() - self.start
+
+
+def measure(run: Callable[[], object], repeats: int, device: str = "cpu") -> tuple[float, int]:
+    """Median wall seconds and largest peak extra bytes of ``run()`` over ``repeats`` calls.
 
     ``run``'s return value is dropped inside the measured block, so what it returns counts too.
+    Peak bytes are resident memory on the CPU, allocated CUDA memory on ``device="cuda"``.
     """
+    peak_meter = PeakCUDA if device == "cuda" else PeakRSS
     seconds, peaks = [], []
     for _ in range(repeats):
-        with PeakRSS() as peak:
+        with peak_meter() as peak:
             start = time.perf_counter()
             run()
+            if device == "cuda":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
         peaks.append(peak.extra)
     return statistics.median(seconds), max(peaks)
@@ -172,12 +195,12 @@ def cases(quick: bool, rows: int | None, tokens: int | None) -> list[Case]:
 
 
 def bench_case(
-    case: Case, chunk_size: int, temperature: float, repeats: int
+    case: Case, chunk_size: int, temperature: float, repeats: int, device: str = "cpu"
 ) -> list[list[object]]:
     """Table rows (one per mode and variant) for ``case``, ratios against ``naive`` last."""
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(case.N, case.T, case.V, generator=generator).to(case.dtype)  # (N, T, V)
-    token_ids = torch.randint(case.V, (case.N, case.T), generator=generator)  # (N, T)
+    logits = torch.randn(case.N, case.T, case.V, generator=generator).to(device, case.dtype)  # (N, T, V)
+    token_ids = torch.randint(case.V, (case.N, case.T), generator=generator).to(device)  # (N, T)
     variants: dict[str, Callable[[Tensor], Tensor]] = {
         "naive": lambda x: naive_logprobs(x, token_ids, temperature),
         "fused": lambda x: token_logprobs(x, token_ids, temperature),
@@ -202,7 +225,7 @@ def bench_case(
 
     rows = []
     for mode, wrap in (("grad", with_grad), ("no_grad", no_grad)):
-        results = {name: measure(wrap(f), repeats) for name, f in variants.items()}
+        results = {name: measure(wrap(f), repeats, device) for name, f in variants.items()}
         base_s, base_bytes = results["naive"]
         for name, (seconds, extra) in results.items():
             rows.append(
@@ -222,15 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=128, help="T positions per chunk")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the logits live")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.repeats} "
           f"repeats, temperature {args.temperature}; ratios are variant / naive in the same mode",
           flush=True)
     rows = []
     for case in cases(args.quick, args.rows, args.tokens):
-        rows += bench_case(case, args.chunk_size, args.temperature, args.repeats)
+        rows += bench_case(case, args.chunk_size, args.temperature, args.repeats, args.device)
         print(f"  done: {case.name}", flush=True)
     print_table(
         ["case", "logits MiB", "mode", "variant", "max |err|", "time s", "peak extra MiB",
