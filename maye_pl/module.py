@@ -36,7 +36,7 @@ from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.optim import tokens_per_rank, warmup_cosine
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
-from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory
 
@@ -249,10 +249,6 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
                 "`maye_pl.rollout.callback.RolloutCallback` to its callbacks."
             )
         return rollouts
-
-    def requests(self, batch: list[dict]) -> list[RolloutRequest]:
-        """Engine requests for a batch: chat-template prompt text with one placeholder per image."""
-        return [RolloutRequest(prompt=sample["prompt"], images=[sample["image"]]) for sample in batch]
 
     @torch.no_grad()
     def generate_trajectory(self, batch: list[dict], rollouts: list[Rollout]) -> Trajectory:

@@ -32,7 +32,7 @@ from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import tokens_per_rank, warmup_cosine
-from maye_pl.rollout.base import Rollout, RolloutRequest
+from maye_pl.rollout.base import Rollout
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 
 
@@ -182,10 +182,6 @@ class SFT(PaperEvaluation, pl.LightningModule):
             },
             batch_size=len(batch),
         )
-
-    def requests(self, batch: list[dict]) -> list[RolloutRequest]:
-        """Engine requests for a batch: chat-template prompt text with one placeholder per image."""
-        return [RolloutRequest(prompt=sample["prompt"], images=[sample["image"]]) for sample in batch]
 
     def solution_inputs(self, batch: list[dict]) -> PolicyInputs:
         """Step 1 - tokens: each prompt with its golden solution as the response, N = B rows.

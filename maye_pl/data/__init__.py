@@ -1,4 +1,5 @@
-"""MAYE-format datasets: jsonl validation, prompts, the DataModule, the synthetic geometry set."""
+"""MAYE-format datasets: jsonl validation, prompts, the DataModule (with a resumable sampler), the
+synthetic geometry set."""
 
 from maye_pl.data.datamodule import MayeDataModule, MayeDataset, PromptCollator
 from maye_pl.data.geometry import ensure_geometry_dataset, generate_geometry_dataset
@@ -10,6 +11,7 @@ from maye_pl.data.prompts import (
     render_prompt,
     strip_image_placeholder,
 )
+from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
 
 __all__ = [
     "COT_INSTRUCTION",
@@ -18,6 +20,8 @@ __all__ = [
     "MayeDataModule",
     "MayeDataset",
     "PromptCollator",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "Sample",
     "build_messages",
     "ensure_geometry_dataset",

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from maye_pl.evaluation.passk import EvalSetting, metric_name, pass_at_k
 from maye_pl.rewards import math_judge_batch
-from maye_pl.rollout.base import Rollout
+from maye_pl.rollout.base import Rollout, RolloutRequest
 
 
 def score_eval_batch(
@@ -53,11 +53,16 @@ def score_eval_batch(
 class PaperEvaluation:
     """Mixin for a LightningModule with ``eval_settings``: validation/test steps of the paper's scheme.
 
-    Reads ``eval_rollouts`` (written by RolloutCallback before each eval batch).
+    Reads ``eval_rollouts`` (written by RolloutCallback before each eval batch, from the prompts
+    that ``requests`` builds).
     """
 
     eval_settings: list[EvalSetting]
     eval_rollouts: dict[str, list[Rollout]] | None
+
+    def requests(self, batch: list[dict]) -> list[RolloutRequest]:
+        """Engine requests for a batch: chat-template prompt text with one placeholder per image."""
+        return [RolloutRequest(prompt=sample["prompt"], images=[sample["image"]]) for sample in batch]
 
     def validation_step(self: pl.LightningModule, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.evaluate(batch, batch[0]["split"])
@@ -96,9 +101,10 @@ class PaperEvaluation:
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, predictions)
+        run_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask
         if not self.trainer.is_global_zero:
             return
-        out_dir = os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "predictions")
+        out_dir = os.path.join(run_dir or self.trainer.default_root_dir, "predictions")
         os.makedirs(out_dir, exist_ok=True)
         for split, setting in sorted({key for rank_predictions in gathered for key in rank_predictions}):
             path = os.path.join(out_dir, f"{split}_{setting}_step{self.trainer.global_step}.jsonl")

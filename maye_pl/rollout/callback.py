@@ -168,8 +168,9 @@ class RolloutCallback(pl.Callback):
         stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
         self._weights_stale = False
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Also reached from the first validation batch after an epoch: keep the names unsuffixed.
             pl_module.log_dict({"perf/weight_gather_s": stats.gather_s, "perf/weight_push_s": stats.push_s},
-                               batch_size=batch_size)
+                               batch_size=batch_size, add_dataloader_idx=False)
 
     # ------------------------------------------------------------------ evaluation
 
