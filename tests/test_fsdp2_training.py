@@ -94,3 +94,30 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     print(f"engine/trainer logprob mismatch per step: {mismatch}")
     assert len(mismatch) == 2 and max(mismatch) <= 1e-4
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in single_weights.values()])).all()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_rank_validation_scores_every_sample_once(tmp_path):
+    """`validate` on 2 FSDP2 ranks with 3 samples per split: the sampler pads rank 1 with a repeat,
+    yet each predictions file holds each sample once, and pass@k is logged for every setting."""
+    model = ensure_tiny_model(tmp_path / "tiny")
+    splits = generate_geometry_dataset(tmp_path / "geo", n_train=2, n_val=3, n_test=3)
+    args = [
+        sys.executable, "-m", "maye_pl", "validate", "--config", str(REPO / "configs/demo.yaml"),
+        "--demo_assets", "false", "--model.model_path", str(model),
+        "--data.train_path", str(splits["train"]), "--data.val_path", str(splits["val"]),
+        "--data.test_path", str(splits["test"]),
+        "--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    run_dir = tmp_path / "runs" / "demo" / "version_0"
+    files = sorted((run_dir / "predictions").iterdir())
+    assert len(files) == 6  # val and test × the paper's three settings
+    for path in files:
+        ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+        assert len(ids) == 3 and len(set(ids)) == 3, (path.name, ids)
+    logged = set().union(*(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()))
+    assert {"val/pass@8_t1.0", "val/pass@1_t0.6", "val/pass@1_t0.01", "test/pass@8_t1.0"} <= logged

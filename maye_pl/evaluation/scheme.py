@@ -2,8 +2,9 @@
 
 Every validation run scores val and test (MayeDataModule's validation loop covers both) under each
 ``EvalSetting``: RolloutCallback samples k responses per prompt from the freshly synced engine and
-leaves them in ``module.eval_rollouts``; this mixin judges them, logs pass@k as
-``<split>/pass@<k>_t<temperature>`` and writes the per-sample predictions of the run to
+leaves them in ``module.eval_rollouts``; this mixin judges them and, at the end of the eval run,
+logs pass@k over each split's unique prompts (all ranks) as ``<split>/pass@<k>_t<temperature>``
+and writes the per-sample predictions to
 ``<run_dir>/predictions/<split>_<setting>_step<global_step>.jsonl`` (step 0 = the Vanilla model).
 """
 
@@ -21,10 +22,10 @@ from maye_pl.rewards import math_judge_batch
 from maye_pl.rollout.base import Rollout, RolloutRequest
 
 
-def score_eval_batch(
+def prediction_rows(
     batch: list[dict], split: str, eval_rollouts: dict[str, list[Rollout]], settings: list[EvalSetting]
-) -> tuple[dict[str, float], dict[tuple[str, str], list[dict]]]:
-    """pass@k of each setting over one batch, and the prediction rows to keep.
+) -> dict[tuple[str, str], list[dict]]:
+    """Judge one eval batch: B prediction rows per (split, setting name).
 
     Args:
         batch: B samples (each with "id", "question", "answer").
@@ -33,21 +34,35 @@ def score_eval_batch(
         settings: the eval settings.
 
     Returns:
-        (metric name → mean pass@k over the B prompts, (split, setting name) → B prediction rows).
+        (split, setting name) → B rows {"id", "question", "answer", "predictions": k texts,
+        "correct": k bools}.
     """
-    metrics, rows = {}, {}
+    rows = {}
     for setting in settings:
         k = setting.k
         texts = [rollout.text for rollout in eval_rollouts[setting.name]]  # (B*k,)
         correct = math_judge_batch(texts, [sample["answer"] for sample in batch for _ in range(k)])
-        per_prompt = [correct[i * k : (i + 1) * k] for i in range(len(batch))]
-        metrics[metric_name(split, setting)] = sum(pass_at_k(k, sum(c), k) for c in per_prompt) / len(batch)
         rows[(split, setting.name)] = [
             {"id": sample["id"], "question": sample["question"], "answer": sample["answer"],
-             "predictions": texts[i * k : (i + 1) * k], "correct": per_prompt[i]}
+             "predictions": texts[i * k : (i + 1) * k], "correct": correct[i * k : (i + 1) * k]}
             for i, sample in enumerate(batch)
         ]
-    return metrics, rows
+    return rows
+
+
+def merge_rank_predictions(gathered: list[dict[tuple[str, str], list[dict]]]) -> dict[tuple[str, str], list[dict]]:
+    """Every rank's rows as one list per (split, setting), each sample id once.
+
+    A distributed sampler repeats samples so that every rank gets as many batches; the repeats
+    would count twice in pass@k and in the predictions files. Ids are unique within a split (the
+    data validation enforces it), so the first row of each id is the sample's.
+    """
+    merged: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    for rank_predictions in gathered:
+        for key, rows in rank_predictions.items():
+            for row in rows:
+                merged[key].setdefault(row["id"], row)
+    return {key: list(rows.values()) for key, rows in merged.items()}
 
 
 class PaperEvaluation:
@@ -77,22 +92,20 @@ class PaperEvaluation:
                 f"{type(self).__name__} evaluation needs RolloutCallback to generate the eval rollouts first; the "
                 "CLI adds it — when building a Trainer by hand, add maye_pl.rollout.callback.RolloutCallback."
             )
-        metrics, rows = score_eval_batch(batch, split, eval_rollouts, self.eval_settings)
         if not hasattr(self, "_eval_predictions"):
             self._eval_predictions = defaultdict(list)
-        for key, new_rows in rows.items():
-            self._eval_predictions[key].extend(new_rows)
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(batch),
-                      add_dataloader_idx=False)
+        for key, rows in prediction_rows(batch, split, eval_rollouts, self.eval_settings).items():
+            self._eval_predictions[key].extend(rows)
 
     def on_validation_epoch_end(self: pl.LightningModule) -> None:
-        self.write_predictions()
+        self.finish_evaluation()
 
     def on_test_epoch_end(self: pl.LightningModule) -> None:
-        self.write_predictions()
+        self.finish_evaluation()
 
-    def write_predictions(self: pl.LightningModule) -> None:
-        """All ranks' predictions of this eval run → one jsonl per (split, setting), on global rank 0."""
+    def finish_evaluation(self: pl.LightningModule) -> None:
+        """Gather all ranks' predictions of this eval run; log pass@k over the unique prompts of
+        each split and setting; on global rank 0 write one jsonl per (split, setting)."""
         predictions = dict(getattr(self, "_eval_predictions", {}))
         self._eval_predictions = defaultdict(list)
         if self.trainer.sanity_checking:
@@ -101,14 +114,19 @@ class PaperEvaluation:
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, predictions)
+        merged = merge_rank_predictions(gathered)
+        settings = {setting.name: setting for setting in self.eval_settings}
+        for (split, name), rows in sorted(merged.items()):
+            k = settings[name].k
+            # Every rank holds the same merged rows, so the value needs no further sync.
+            self.log(metric_name(split, settings[name]),
+                     sum(pass_at_k(k, sum(row["correct"]), k) for row in rows) / len(rows))
         run_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask
         if not self.trainer.is_global_zero:
             return
         out_dir = os.path.join(run_dir or self.trainer.default_root_dir, "predictions")
         os.makedirs(out_dir, exist_ok=True)
-        for split, setting in sorted({key for rank_predictions in gathered for key in rank_predictions}):
-            path = os.path.join(out_dir, f"{split}_{setting}_step{self.trainer.global_step}.jsonl")
+        for (split, name), rows in sorted(merged.items()):
+            path = os.path.join(out_dir, f"{split}_{name}_step{self.trainer.global_step}.jsonl")
             with open(path, "w", encoding="utf-8") as f:
-                for rank_predictions in gathered:
-                    for row in rank_predictions.get((split, setting), []):
-                        f.write(json.dumps(row) + "\n")
+                f.writelines(json.dumps(row) + "\n" for row in rows)
