@@ -1,7 +1,8 @@
 """Resuming from a checkpoint continues the run exactly, and a crash mid-save never costs the last one.
 
 `test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI twice
-in fresh processes, each with a fresh module, trainer, data module and engine: an uninterrupted
+in fresh processes, in one process (a single .ckpt file) and on 2 FSDP2 ranks over gloo (a sharded
+DCP checkpoint, each rank's sampler position restored), each with a fresh module, trainer, data module and engine: an uninterrupted
 `fit` of 4 generation steps (one epoch of 4 batches, two optimizer steps each, so the minibatch
 shuffle matters) that checkpoints after step 2, and a `fit --ckpt_path <that checkpoint>`. Steps 3
 and 4 must log the same metrics (loss, rewards, KL, grad norm, engine mismatch, ...; max abs
@@ -107,18 +108,33 @@ def _step_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
 
 
 def _ids(out: Path) -> dict[int, list[str]]:
-    rows = [json.loads(line) for line in (out / "ids_rank0.jsonl").read_text().splitlines()]
-    return {row["generation_step"]: row["ids"] for row in rows}
+    """Every rank's prompt ids by generation step (0-based), rank 0's first."""
+    ids: dict[int, list[str]] = {}
+    for path in sorted(out.glob("ids_rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            ids.setdefault(row["generation_step"], []).extend(row["ids"])
+    return ids
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [],
+        # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
+        ["--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.batch_size", "1", "--model.ppo_batch_size", "1"],
+    ],
+    ids=["one-process", "two-fsdp2-ranks"],
+)
+def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     ensure_tiny_model(tmp_path / "tiny")
     generate_geometry_dataset(tmp_path / "geo", n_train=2 * STEPS, n_val=0, n_test=0)
-    full = _fit(tmp_path, "full")
+    full = _fit(tmp_path, "full", *layout)
     checkpoint = full / "checkpoints" / f"epoch=0-step={RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION}.ckpt"
-    resumed = _fit(tmp_path, "resumed", "--ckpt_path", str(checkpoint))
+    assert checkpoint.is_dir() == bool(layout)  # FSDP2 on 2 ranks writes a sharded DCP directory
+    resumed = _fit(tmp_path, "resumed", *layout, "--ckpt_path", str(checkpoint))
 
     full_rows, resumed_rows = _step_rows(tmp_path, "full"), _step_rows(tmp_path, "resumed")
     assert sorted(full_rows) == list(range(1, STEPS + 1))
