@@ -318,6 +318,13 @@ def _start_llm(engine_args: dict[str, Any]):
     logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
         lambda record: "torch.set_num_threads" not in record.getMessage()
     )
+    # A weight update sends only what the trainer changes: the frozen ViT/connector go once, and
+    # rotary caches are in no checkpoint. vLLM's layerwise reload keeps each such layer's weights,
+    # as intended, but warns "Failed to load weights" per layer per update (about 20 lines per
+    # step); the worker's finish_update reports what was kept instead (debug log).
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        lambda record: "Failed to load weights" not in record.getMessage()
+    )
     return LLM(**engine_args)
 
 
