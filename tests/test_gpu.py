@@ -59,7 +59,7 @@ class RecordPlacement(pl.Callback):
             "param_dtypes": sorted({str(p.dtype) for p in params}),
             "grad_dtypes": sorted({str(g.dtype) for g in grads}),
             "reduce_dtype": str(trainer.strategy.mp_policy.reduce_dtype),
-            "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "max_memory_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
         }
         Path(self.out).write_text(json.dumps(facts))
 
