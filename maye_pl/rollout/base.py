@@ -5,7 +5,8 @@ Notation: B prompts in a request list, G samples per prompt (``SamplingConfig.n`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -43,8 +44,9 @@ class RolloutRequest:
 class Rollout:
     """One sampled response.
 
-    The engine's ``logprobs`` are for diagnostics only (engine/trainer mismatch); the trainer
-    recomputes old log-probs itself.
+    The engine's ``logprobs`` are the behaviour policy's: the off-policy correction weights each
+    token by ``min(π_old / π_behaviour, C)`` with them, and the engine/trainer mismatch metric
+    compares them with the trainer's own scores.
     """
 
     token_ids: list[int]
@@ -57,21 +59,56 @@ class Rollout:
     """Engine log-prob of each sampled token (T_i,), at the sampling temperature."""
     prompt_token_ids: list[int] | None = None
     """The engine's tokenization of the prompt (placeholders expanded), to check it equals the trainer's."""
+    policy_version: int = 0
+    """The policy version (optimizer steps taken) whose weights sampled this response."""
+
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+"""One bucket of full (unsharded) weights under their HF names."""
+
+
+@runtime_checkable
+class RolloutHandle(Protocol):
+    """A generation submitted to an engine and resolved later (``RolloutEngine.submit``)."""
+
+    def done(self) -> bool:
+        """True when ``result()`` would return (or raise) without waiting."""
+        ...
+
+    def result(self) -> list[Rollout]:
+        """Wait for the B*G rollouts (request-major); raises the engine's error if it failed."""
+        ...
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A generation engine the trainer drives (vLLM, HF ``generate``)."""
+    """A generation engine the trainer drives (vLLM, HF ``generate``).
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
-        """Sample ``sampling.n`` responses per request.
+    Generation is submitted and resolved later, so the trainer can work while the engine samples;
+    operations reach the engine in the order they are issued, so a weight update issued after a
+    submit never changes the weights that submission samples with. A weight update is one
+    transaction: ``with engine.weight_update() as push: push(bucket) ...`` loads every bucket and
+    finishes once at the end (one finalize, one cache reset). An error inside the block aborts the
+    transaction; an engine that cannot roll back a partial update shuts itself down rather than
+    serve half-updated weights.
+    """
 
-        Returns B*G rollouts, request-major: request i's samples are ``[i*G:(i+1)*G]``.
-        """
+    def submit(self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0) -> RolloutHandle:
+        """Start sampling ``sampling.n`` responses per request; returns at once (or when done, for
+        an engine without concurrency). ``policy_version`` is stamped on every rollout."""
+        ...
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0) -> list[Rollout]:
+        """``submit(...).result()``: B*G rollouts, request-major (request i's samples are ``[i*G:(i+1)*G]``)."""
+        ...
+
+    def weight_update(self) -> AbstractContextManager[Callable[[NamedTensors], None]]:
+        """One weight-update transaction; the context yields ``push(bucket)`` (HF names, full
+        tensors, consumed before ``push`` returns)."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new policy weights (HF parameter names), streamed one tensor or bucket at a time."""
+        """Load new policy weights (HF parameter names) in one ``weight_update`` transaction."""
         ...
 
     def shutdown(self) -> None:
