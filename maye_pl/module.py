@@ -4,7 +4,7 @@ Paper: "Rethinking RL Scaling for Vision Language Models" (MAYE, arXiv 2504.0258
 stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T response tokens.
 
     Step I    data           a batch of prompts (question, image, answer) from MayeDataModule
-    Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollouts
+    Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollout_queue
     Step III  trajectory     prompt+response tokens, old/ref logprobs, rewards, advantages
     Step IV   policy update  ppo_epochs × minibatches × gradient accumulation of PPO-clip + k3 KL
     (then)    weight sync    RolloutCallback streams the new weights into the engine before it next generates
@@ -26,19 +26,19 @@ from maye_pl import rl
 from maye_pl.evaluation import (
     GENERATION_STEP,
     PAPER_EVAL_SETTINGS,
-    REFLECTION_PREFIX,
     EvalSetting,
-    ratios_from_counts,
     reflection_counts,
 )
 from maye_pl.evaluation.scheme import PaperEvaluation
+from maye_pl.evaluation.step_metrics import average_stats, rollout_step_metrics
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.optim import tokens_per_rank, warmup_cosine
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, SamplingConfig
+from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
-from maye_pl.trajectory import Trajectory
+from maye_pl.trajectory import Trajectory, engine_logprobs
 
 REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 
@@ -70,6 +70,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         clip_eps_low: float = 0.2,
         clip_eps_high: float = 0.2,
         loss_agg: str = "token_mean",
+        off_policy_correction: bool | None = None,
+        behaviour_weight_cap: float = 2.0,
         ppo_epochs: int = 1,
         ppo_batch_size: int = 4,
         gradient_accumulation_steps: int = 1,
@@ -108,6 +110,12 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             clip_eps_low: PPO ratio clip below 1.
             clip_eps_high: PPO ratio clip above 1.
             loss_agg: "token_mean" over the minibatch's valid tokens, or "seq_mean".
+            off_policy_correction: Weight each token's policy-gradient term by min(π_old/π_behaviour,
+                ``behaviour_weight_cap``) with the engine's log-probs (decoupled PPO, truncated
+                importance sampling; ``maye_pl.rl.off_policy``). None: on for rollouts sampled by an
+                older policy (``rollout.max_staleness`` 1), off otherwise (MAYE); True also corrects
+                the engine/trainer numerics mismatch of on-policy rollouts (bf16 on GPUs).
+            behaviour_weight_cap: C, the largest importance weight.
             ppo_epochs: Passes over each rollout batch.
             ppo_batch_size: Rows per minibatch; each minibatch is one optimizer step.
             gradient_accumulation_steps: Micro-batches per minibatch (must divide ppo_batch_size).
@@ -135,8 +143,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.needs_reference = kl_reward_coef != 0.0 or kl_loss_coef != 0.0
-        # Written by RolloutCallback before each batch (see its docstring).
-        self.rollouts: list[Rollout] | None = None
+        # Set by RolloutCallback (see its docstring): rollouts by generation step, and the eval ones.
+        self.rollout_queue: RolloutQueue | None = None
         self.eval_rollouts: dict[str, list[Rollout]] | None = None
         self.generation_step = 0
 
@@ -162,6 +170,10 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             problems.append(f"`model.loss_agg`={hp.loss_agg!r} must be one of {sorted(rl.LOSS_AGGREGATIONS)}.")
         if not (hp.train_vit or hp.train_connector or hp.train_llm):
             problems.append("`model.train_vit`, `train_connector` and `train_llm` are all false; nothing would train.")
+        if hp.behaviour_weight_cap <= 0:
+            problems.append(f"`model.behaviour_weight_cap`={hp.behaviour_weight_cap} must be > 0 (the largest importance weight).")
+        if hp.off_policy_correction and not hp.sampling.logprobs:
+            problems.append("`model.off_policy_correction` needs the engine's log-probs; set `model.sampling.logprobs` true.")
         for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
             if hp[name] < 1:
                 problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
@@ -217,7 +229,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         """Steps I-IV for one rollout batch (Step I is the batch itself, Step II the callback's rollouts)."""
-        rollouts = self.take_rollouts(len(batch))
+        rollouts = self.rollout_queue.take(self.generation_step, expected=len(batch) * self.sampling.n)
         t0 = time.perf_counter()
         trajectory = self.generate_trajectory(batch, rollouts)
         t1 = time.perf_counter()
@@ -237,19 +249,6 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             batch_size=len(batch),
         )
 
-    def take_rollouts(self, num_prompts: int) -> list[Rollout]:
-        """Step II - rollouts: the callback generated them before this step; consume them once."""
-        rollouts, self.rollouts = self.rollouts, None
-        expected = num_prompts * self.sampling.n
-        if rollouts is None or len(rollouts) != expected:
-            got = "none" if rollouts is None else len(rollouts)
-            raise RuntimeError(
-                f"ReinforcePP expected {expected} rollouts from RolloutCallback before training_step, got {got}; "
-                "the CLI adds the callback — when building a Trainer by hand, add "
-                "`maye_pl.rollout.callback.RolloutCallback` to its callbacks."
-            )
-        return rollouts
-
     @torch.no_grad()
     def generate_trajectory(self, batch: list[dict], rollouts: list[Rollout]) -> Trajectory:
         """Step III - trajectory: tokens, old/ref logprobs, rewards and advantages for N = B*G rows."""
@@ -265,11 +264,14 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         # The pad id may itself be a stop id (Qwen's <|endoftext|>): keep the length mask too.
         response_ids, stop_mask = rl.truncate_at_stop(inputs.response_ids, self.stop_token_ids, self.pad_token_id)
         response_mask = stop_mask & inputs.response_mask  # (N, T)
+        behaviour_logprobs = engine_logprobs(rollouts, response_mask)  # (N, T) or None
 
-        # Step III.2 - old logprobs: the behaviour policy's own scores, recomputed in training numerics.
-        old_logprobs = self.score(self.policy, inputs) * response_mask  # (N, T)
+        # Step III.2 - old logprobs: the proximal policy, in training numerics. With one PPO epoch of
+        # one minibatch and no KL reward, the update's own forward (before its only optimizer step)
+        # IS this policy, so the separate forward is skipped and the update fills them in.
+        old_logprobs = None if self.update_scores_old_policy(response_mask) else self.score(self.policy, inputs) * response_mask
         # Step III.3 - ref logprobs: KL is taken against the frozen initial policy.
-        ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else old_logprobs
+        ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else None
 
         # Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
         # is too short) gets `reward_penalty` instead, as in MAYE.
@@ -284,14 +286,22 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
 
         # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
         hp = self.hparams
+        kl_logprobs = old_logprobs if old_logprobs is not None else torch.zeros_like(response_mask, dtype=torch.float32)
         advantages, returns = rl.estimate_advantages(
-            hp.advantage_estimator, scores, old_logprobs, ref_logprobs, response_mask,
-            kl_coef=hp.kl_reward_coef, gamma=hp.gamma, group_size=G, maye_compat=hp.maye_compat,
+            hp.advantage_estimator, scores, kl_logprobs, ref_logprobs if ref_logprobs is not None else kl_logprobs,
+            response_mask, kl_coef=hp.kl_reward_coef, gamma=hp.gamma, group_size=G, maye_compat=hp.maye_compat,
             group=self.process_group(),
         )  # (N, T) each
+        staleness = torch.tensor([self.global_step - r.policy_version for r in rollouts], dtype=torch.float32)
         return Trajectory(
-            inputs, response_mask, old_logprobs, ref_logprobs, scores, advantages, returns, reward_components, penalized
+            inputs, response_mask, old_logprobs, ref_logprobs, behaviour_logprobs, staleness.to(self.device),
+            scores, advantages, returns, reward_components, penalized,
         )
+
+    def update_scores_old_policy(self, response_mask: torch.Tensor) -> bool:
+        """Whether Step IV's single forward before its single optimizer step can stand in for Step III.2."""
+        hp = self.hparams
+        return hp.ppo_epochs == 1 and hp.ppo_batch_size == response_mask.shape[0] and hp.kl_reward_coef == 0.0
 
     def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
         """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
@@ -301,53 +311,79 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             banned_token_ids=self.banned_token_ids,
         )
 
+    def corrects_off_policy(self, trajectory: Trajectory) -> bool:
+        """Weight tokens by min(π_old/π_behaviour, C): on when asked, or (None) when the rollouts are stale."""
+        wanted = self.hparams.off_policy_correction
+        if wanted is None:
+            wanted = bool((trajectory.staleness > 0).any())
+        if wanted and trajectory.behaviour_logprobs is None:
+            raise ValueError(
+                "`model.off_policy_correction` needs the engine's log-probs of the sampled tokens, but the "
+                "rollouts carry none; set `model.sampling.logprobs` true."
+            )
+        return wanted
+
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
         """Step IV - policy update: ppo_epochs × shuffled minibatches, one optimizer step each."""
         hp = self.hparams
         self.policy.train()
         generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
-        stats: dict[str, list[float]] = {}
+        correct = self.corrects_off_policy(trajectory)
+        scored_old = torch.zeros_like(trajectory.response_mask, dtype=torch.float32)  # (N, T), filled when Step III.2 was skipped
+        stats: list[dict[str, float]] = []
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(trajectory.num_rows, generator=generator)
             for mb_rows in order.split(hp.ppo_batch_size):
-                for name, value in self.optimizer_step(trajectory.select(mb_rows)).items():
-                    stats.setdefault(name, []).append(value)
-        return {name: sum(values) / len(values) for name, values in stats.items()}
+                mb_stats, mb_old = self.optimizer_step(trajectory.select(mb_rows), correct)
+                stats.append(mb_stats)
+                scored_old[mb_rows.to(scored_old.device)] = mb_old
+        if trajectory.old_logprobs is None:
+            trajectory.old_logprobs = scored_old
+        return average_stats(stats)
 
-    def optimizer_step(self, mb: Trajectory) -> dict[str, float]:
-        """One minibatch: zero, backward over micro-batches, clip, step, scheduler."""
+    def optimizer_step(self, mb: Trajectory, correct_off_policy: bool) -> tuple[dict[str, float], torch.Tensor]:
+        """One minibatch: zero, backward over micro-batches, clip, step, scheduler.
+
+        Returns the step's statistics and the minibatch's (b, T) old log-probs.
+        """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
         normalizer = self.loss_normalizer(mb)
-        micro_stats = []
+        micro_stats, old_parts = [], []
         for micro_rows in torch.arange(mb.num_rows).chunk(hp.gradient_accumulation_steps):
             micro = mb.select(micro_rows)
             logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
+            old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
+            weights, behaviour = None, {}
+            if micro.behaviour_logprobs is not None:  # logged also when not applied: the mismatch shows
+                is_weights, behaviour_stats = rl.truncated_importance_weights(
+                    old, micro.behaviour_logprobs, micro.response_mask, hp.behaviour_weight_cap
+                )  # (b, T)
+                weights = is_weights if correct_off_policy else None
+                behaviour = {f"policy/behaviour_{name}": float(value) for name, value in behaviour_stats._asdict().items()}
             loss, loss_stats = rl.ppo_clip_loss(
-                logprobs, micro.old_logprobs, micro.ref_logprobs, micro.advantages, micro.response_mask,
-                clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, kl_loss_coef=hp.kl_loss_coef,
-                loss_agg=hp.loss_agg, normalizer=normalizer,
+                logprobs, old, micro.ref_logprobs if micro.ref_logprobs is not None else old, micro.advantages,
+                micro.response_mask, clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high,
+                kl_loss_coef=hp.kl_loss_coef, loss_agg=hp.loss_agg, normalizer=normalizer, importance_weights=weights,
             )
             self.manual_backward(loss)
             valid = micro.response_mask
-            micro_stats.append((loss.detach(), loss_stats, (entropy.detach() * valid).sum() / valid.sum().clamp(min=1)))
+            micro_stats.append({
+                "loss/total": float(loss.detach()), "loss/policy": float(loss_stats.policy_loss), "loss/kl": float(loss_stats.kl_loss),
+                "policy/clip_fraction": float(loss_stats.clip_fraction), "policy/ratio_mean": float(loss_stats.ratio_mean),
+                "policy/approx_kl": float(loss_stats.approx_kl),
+                "policy/entropy": float((entropy.detach() * valid).sum() / valid.sum().clamp(min=1)), **behaviour,
+            })
+            old_parts.append(old)
         max_norm = hp.max_grad_norm if hp.max_grad_norm is not None else float("inf")
         grad_norm = clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], max_norm)
         optimizer.step()
         scheduler.step()
-        n = len(micro_stats)
-        return {
-            "loss/total": sum(float(loss) for loss, _, _ in micro_stats),
-            "loss/policy": sum(float(s.policy_loss) for _, s, _ in micro_stats) / n,
-            "loss/kl": sum(float(s.kl_loss) for _, s, _ in micro_stats) / n,
-            "policy/clip_fraction": sum(float(s.clip_fraction) for _, s, _ in micro_stats) / n,
-            "policy/ratio_mean": sum(float(s.ratio_mean) for _, s, _ in micro_stats) / n,
-            "policy/approx_kl": sum(float(s.approx_kl) for _, s, _ in micro_stats) / n,
-            "policy/entropy": sum(float(e) for _, _, e in micro_stats) / n,
-            "policy/grad_norm": float(grad_norm),
-            "policy/lr": scheduler.get_last_lr()[0],
-        }
+        stats = average_stats(micro_stats)
+        stats["loss/total"] *= len(micro_stats)  # micro-batch losses add up to the minibatch's
+        stats.update({"policy/grad_norm": float(grad_norm), "policy/lr": scheduler.get_last_lr()[0]})
+        return stats, torch.cat(old_parts)
 
     def loss_normalizer(self, mb: Trajectory) -> float:
         """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the
@@ -357,30 +393,15 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         return tokens_per_rank(mb.response_mask, self.process_group())
 
     def log_rollout_metrics(self, rollouts: list[Rollout], trajectory: Trajectory) -> None:
-        """What MAYE logs per generation step: rewards by component, KL, lengths, reflection, mismatch."""
-        mask = trajectory.response_mask
-        lengths = rl.response_lengths(mask).float()
-        kl = (rl.kl_k1(trajectory.old_logprobs, trajectory.ref_logprobs) * mask).sum() / mask.sum().clamp(min=1)
-        metrics = {
-            "reward/total": trajectory.scores.mean(),
-            "reward/penalized_fraction": trajectory.penalized.float().mean(),
-            "rollout/response_length_mean": lengths.mean(),
-            "rollout/length_clip_ratio": torch.tensor(sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)),
-            "policy/kl": kl,
-            "policy/engine_logprob_mismatch": self.engine_mismatch(rollouts, trajectory),
-        }
-        metrics.update({f"reward/{name}": values.float().mean() for name, values in trajectory.reward_components.items() if name != "accuracy"})
-        metrics.update(self.reflection_metrics([r.text for r in rollouts], trajectory.reward_components.get("accuracy")))
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32).to(self.device) for k, v in metrics.items()},
-                      batch_size=trajectory.num_rows, sync_dist=True)
-        self.log("rollout/response_length_max", lengths.max(), reduce_fx="max", sync_dist=True, batch_size=trajectory.num_rows)
-        if "accuracy" in trajectory.reward_components:
-            accuracy = trajectory.reward_components["accuracy"].float().mean().to(self.device)
-            self.log("reward/accuracy", accuracy, on_step=True, on_epoch=True, sync_dist=True, prog_bar=True,
-                     batch_size=trajectory.num_rows)
+        """What MAYE logs per generation step (rewards by component, KL, lengths, reflection, engine
+        mismatch), reduced over all ranks in two collectives, plus the progress-bar values."""
+        accuracy = trajectory.reward_components.get("accuracy")
+        self.log_dict(rollout_step_metrics(rollouts, trajectory, self.process_group()), batch_size=trajectory.num_rows)
+        if accuracy is not None:
+            self.log("reward/accuracy", accuracy.float().mean().to(self.device), on_step=True, on_epoch=True,
+                     sync_dist=True, prog_bar=True, batch_size=trajectory.num_rows)
+            self.log_reflective_sample([r.text for r in rollouts], accuracy)
         self.log("reward", trajectory.scores.mean(), prog_bar=True, logger=False, batch_size=trajectory.num_rows)
-        if "accuracy" in trajectory.reward_components:
-            self.log_reflective_sample([r.text for r in rollouts], trajectory.reward_components["accuracy"])
 
     def log_reflective_sample(self, texts: list[str], accuracy: torch.Tensor) -> None:
         """One correct, reflective response of this step as a text sample, for loggers that take text."""
@@ -394,29 +415,6 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
                                 data=[[self.generation_step, sample]])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(REFLECTIVE_SAMPLE_KEY, sample, self.trainer.global_step)
-
-    def reflection_metrics(self, texts: list[str], accuracy: torch.Tensor | None) -> dict[str, float]:
-        """MAYE's reflection ratios from counts summed over all ranks (not a mean of per-rank ratios)."""
-        if accuracy is None:
-            return {}
-        counts = reflection_counts(texts, [bool(a > 0) for a in accuracy])
-        keys = sorted(counts)
-        summed = torch.tensor([counts[key] for key in keys], dtype=torch.float64, device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(summed)
-        ratios = ratios_from_counts(dict(zip(keys, summed.tolist())))
-        return {f"{REFLECTION_PREFIX}{name}": value for name, value in ratios.items()}
-
-    def engine_mismatch(self, rollouts: list[Rollout], trajectory: Trajectory) -> torch.Tensor:
-        """Mean |logprob_engine − logprob_trainer| over sampled tokens (NaN when the engine gave none)."""
-        if any(r.logprobs is None for r in rollouts):
-            return torch.tensor(float("nan"))
-        mask = trajectory.response_mask
-        engine = torch.zeros_like(trajectory.old_logprobs)
-        for row, rollout in enumerate(rollouts):
-            width = min(len(rollout.logprobs), engine.shape[1])
-            engine[row, :width] = torch.tensor(rollout.logprobs[:width], dtype=engine.dtype)
-        return ((engine - trajectory.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
 
     # ------------------------------------------------------------------ helpers
 

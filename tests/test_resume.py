@@ -2,7 +2,9 @@
 
 `test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI twice
 in fresh processes, in one process (a single .ckpt file) and on 2 FSDP2 ranks over gloo (a sharded
-DCP checkpoint, each rank's sampler position restored), each with a fresh module, trainer, data module and engine: an uninterrupted
+DCP checkpoint, each rank's sampler position restored), each synchronous and pipelined
+(`rollout.max_staleness 1`: the rollouts of the batch in flight at the checkpoint are saved with
+it), each with a fresh module, trainer, data module and engine: an uninterrupted
 `fit` of 4 generation steps (one epoch of 4 batches, two optimizer steps each, so the minibatch
 shuffle matters) that checkpoints after step 2, and a `fit --ckpt_path <that checkpoint>`. Steps 3
 and 4 must log the same metrics (loss, rewards, KL, grad norm, engine mismatch, ...; max abs
@@ -125,15 +127,19 @@ def _ids(out: Path) -> dict[int, list[str]]:
         [],
         # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
         ["--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--data.batch_size", "1", "--model.ppo_batch_size", "1"],
+        # Pipelined: batch k+1 is in flight at the checkpoint (sampled by weights it does not hold).
+        ["--rollout.max_staleness", "1"],
+        ["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+         "--data.batch_size", "1", "--model.ppo_batch_size", "1"],
     ],
-    ids=["one-process", "two-fsdp2-ranks"],
+    ids=["one-process", "two-fsdp2-ranks", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
 )
 def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     ensure_tiny_model(tmp_path / "tiny")
     generate_geometry_dataset(tmp_path / "geo", n_train=2 * STEPS, n_val=0, n_test=0)
     full = _fit(tmp_path, "full", *layout)
     checkpoint = full / "checkpoints" / f"epoch=0-step={RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION}.ckpt"
-    assert checkpoint.is_dir() == bool(layout)  # FSDP2 on 2 ranks writes a sharded DCP directory
+    assert checkpoint.is_dir() == ("fsdp2" in layout)  # FSDP2 on 2 ranks writes a sharded DCP directory
     resumed = _fit(tmp_path, "resumed", *layout, "--ckpt_path", str(checkpoint))
 
     full_rows, resumed_rows = _step_rows(tmp_path, "full"), _step_rows(tmp_path, "resumed")
@@ -145,8 +151,14 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
         assert max(diff.values()) <= 1e-6, (step, {k: d for k, d in diff.items() if d > 1e-6})
     first = resumed_rows[RESUME_AFTER + 1]
     assert first["step"] == (RESUME_AFTER + 1) * OPTIMIZER_STEPS_PER_GENERATION
-    # The engine samples from the trainer's weights at the first resumed step (5e-7; stale: 0.37).
-    assert first["policy/engine_logprob_mismatch"] < 1e-3
+    if "--rollout.max_staleness" not in layout:
+        # The engine samples from the trainer's weights at the first resumed step (5e-7; stale: 0.37).
+        assert first["policy/engine_logprob_mismatch"] < 1e-3
+    else:
+        # Pipelined: the resumed run trains first on the rollouts the checkpoint saved (sampled one
+        # version back), then on what the engine sampled from the restored weights; equal metrics
+        # for every resumed step (above) prove both, and the rollouts are one version stale.
+        assert all(row["policy/staleness"] == OPTIMIZER_STEPS_PER_GENERATION for row in resumed_rows.values())
 
     full_ids, resumed_ids = _ids(full), _ids(resumed)
     assert resumed_ids == {step: full_ids[step] for step in range(RESUME_AFTER, STEPS)}  # 0-based here

@@ -202,6 +202,29 @@ class MayeDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
                                    collate_fn=PromptCollator(self.processor, self.prompt_style))
 
+    def peek_train_batch(self, batches_ahead: int, batches_left_in_epoch: int, next_epoch: bool) -> list[dict] | None:
+        """The training batch the loader will hand out ``batches_ahead`` batches after the current
+        one (1 = the next), read without moving the loader; None when the run ends first.
+
+        Args:
+            batches_ahead: How far ahead (>= 1).
+            batches_left_in_epoch: Batches the trainer will still take from this epoch after the
+                current one (it knows ``limit_train_batches``).
+            next_epoch: Whether another epoch follows this one (the peek may reach into it).
+        """
+        sampler = self.train_sampler
+        rows = self.batch_size * sampler.num_replicas  # prompts per batch over all ranks
+        batches_left_in_epoch = min(batches_left_in_epoch, (len(sampler.epoch_order()) - sampler.consumed) // rows)
+        if batches_ahead <= batches_left_in_epoch:
+            epoch, position = sampler.epoch, sampler.consumed + (batches_ahead - 1) * rows
+        elif next_epoch and batches_ahead - batches_left_in_epoch <= len(sampler) // self.batch_size:
+            epoch, position = sampler.epoch + 1, (batches_ahead - batches_left_in_epoch - 1) * rows
+        else:
+            return None
+        dataset = self.datasets["train"]
+        items = [dataset[index] for index in sampler.batch_indices(epoch, position, self.batch_size)]
+        return PromptCollator(self.processor, self.prompt_style)(items)
+
     def _world(self) -> tuple[int, int]:
         """(world size, global rank): the trainer's, else the process group's, else one process."""
         if self.trainer is not None:

@@ -51,10 +51,24 @@ class ResumableSampler(DistributedSampler):
         self.consumed = 0
         """Positions of this epoch's permutation consumed by all ranks together."""
 
-    def epoch_order(self) -> torch.Tensor:
-        """This epoch's permutation of all ranks' samples, (num_samples * R,) dataset indices."""
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+    def epoch_order(self, epoch: int | None = None) -> torch.Tensor:
+        """Epoch ``epoch``'s (default: this epoch's) permutation of all ranks' samples,
+        (num_samples * R,) dataset indices."""
+        generator = torch.Generator().manual_seed(self.seed + (self.epoch if epoch is None else epoch))
         return torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+
+    def batch_indices(self, epoch: int, position: int, batch_size: int) -> list[int]:
+        """This rank's dataset indices of the batch that starts at ``position`` of epoch ``epoch``'s
+        permutation (what the loader yields there), without moving the sampler: rollouts for a
+        batch can then be generated before the loader hands it out."""
+        order = self.epoch_order(epoch)
+        end = position + batch_size * self.num_replicas
+        if end > len(order):
+            raise IndexError(
+                f"ResumableSampler.batch_indices: a batch of {batch_size} per rank at position {position} "
+                f"runs past the {len(order)} samples of epoch {epoch}."
+            )
+        return order[position + self.rank : end : self.num_replicas].tolist()
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order()

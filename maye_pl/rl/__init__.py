@@ -17,10 +17,12 @@ from maye_pl.rl.advantages import (
 from maye_pl.rl.kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3
 from maye_pl.rl.logprobs import token_entropy, token_logprobs
 from maye_pl.rl.loss import LOSS_AGGREGATIONS, PPOLossStats, ppo_clip_loss
+from maye_pl.rl.off_policy import BehaviourWeightStats, truncated_importance_weights
 from maye_pl.rl.masks import apply_penalty, needs_length_penalty, response_lengths, truncate_at_stop
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "BehaviourWeightStats",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "PPOLossStats",
@@ -42,4 +44,5 @@ __all__ = [
     "token_logprobs",
     "token_rewards",
     "truncate_at_stop",
+    "truncated_importance_weights",
 ]

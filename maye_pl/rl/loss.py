@@ -39,7 +39,7 @@ class PPOLossStats(NamedTuple):
     """
 
     policy_loss: Tensor
-    """() PPO-clip surrogate pg_t, token mean."""
+    """() PPO-clip surrogate pg_t (times the importance weight, when given), token mean."""
     kl_loss: Tensor
     """() k3(pi || pi_ref), token mean (before ``kl_loss_coef``)."""
     clip_fraction: Tensor
@@ -86,6 +86,7 @@ def ppo_clip_loss(
     kl_loss_coef: float = 0.0,
     loss_agg: str = "token_mean",
     normalizer: float | Tensor | None = None,
+    importance_weights: Tensor | None = None,
 ) -> tuple[Tensor, PPOLossStats]:
     """PPO-clip loss plus ``kl_loss_coef`` * k3 KL to the reference, aggregated over valid tokens.
 
@@ -102,6 +103,8 @@ def ppo_clip_loss(
             valid-token count); "seq_mean": sum over rows of each row's token mean / normalizer
             (None -> b). See the module docstring for gradient accumulation.
         normalizer: the whole minibatch's count when it is split into micro-batches.
+        importance_weights: (b, T) per-token weights of the policy-gradient term (the off-policy
+            correction, ``rl.truncated_importance_weights``); None = 1 (on-policy).
 
     Returns:
         ``(loss, stats)``: loss () fp32 with grad; stats as ``PPOLossStats``.
@@ -116,6 +119,8 @@ def ppo_clip_loss(
     unclipped = -adv * ratio  # (b, T)
     clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)  # (b, T)
     policy_loss = torch.maximum(unclipped, clipped)  # (b, T)
+    if importance_weights is not None:
+        policy_loss = importance_weights.detach().float() * policy_loss  # (b, T)
     kl = kl_k3(lp, ref_logprobs.float())  # (b, T)
     per_token = (policy_loss + kl_loss_coef * kl) * mask  # (b, T)
 

@@ -79,6 +79,25 @@ class RolloutHandle(Protocol):
         """Wait for the B*G rollouts (request-major); raises the engine's error if it failed."""
         ...
 
+    @property
+    def engine_seconds(self) -> float | None:
+        """Seconds the engine spent generating them (None until resolved, or when unknown)."""
+        ...
+
+
+class ResolvedHandle:
+    """A ``RolloutHandle`` over rollouts that already exist (an engine without concurrency)."""
+
+    def __init__(self, rollouts: list[Rollout], engine_seconds: float | None = None) -> None:
+        self._rollouts = rollouts
+        self.engine_seconds = engine_seconds
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> list[Rollout]:
+        return self._rollouts
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):

@@ -7,13 +7,16 @@ the CLI registers it as a forced callback and its contract is spelled out here.
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from typing import Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.utilities import rank_zero_warn
 
 from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
+from maye_pl.rollout.queue import RolloutQueue, Submission
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
 
 
@@ -22,25 +25,29 @@ class RolloutCallback(pl.Callback):
 
     Hooks:
         ``setup``: global rank 0 starts the engine (vLLM in its own process on the first GPU the
-            trainer does not use, or the CPU; or the HF engine) and marks its weights stale, so
-            the current (possibly checkpoint-restored) weights reach it before the first rollout.
-        ``on_train_batch_start``: every rank sends its prompts to rank 0, which generates all of
-            them in one engine call and sends each rank its responses (skipped when the module's
-            ``sampling`` is None, e.g. the SFT baseline).
+            trainer does not use, or the CPU; or the HF engine) without waiting for it to load,
+            and marks its weights stale, so the current (possibly checkpoint-restored) weights
+            reach it before the first rollout.
+        ``on_train_batch_start`` (generation step k): syncs stale weights, then makes sure the
+            rollouts of batches k .. k+``max_staleness`` are submitted (every rank sends its
+            prompts to rank 0, which queues them all in one engine call; later batches come from
+            the data module's ``peek_train_batch``), then waits for batch k's and sends each rank
+            its own. Skipped when the module's ``sampling`` is None (the SFT baseline).
         ``on_train_batch_end``: marks the weights stale (the optimizer stepped).
         ``on_validation_batch_start`` / ``on_test_batch_start``: one engine call per eval setting.
         ``teardown`` / ``on_exception``: shuts the engine down (no orphan processes).
-        Before any generation with stale weights, all ranks gather the policy bucket by bucket and
-        rank 0 pushes each bucket into the engine (frozen parameters only on the first sync). For
-        Reinforce++ that is after every training batch; for SFT, before each validation.
+        Before any new generation with stale weights, all ranks gather the policy bucket by bucket
+        and rank 0 pushes each bucket into the engine (frozen parameters only on the first sync).
+        For Reinforce++ that is after every training batch; for SFT, before each validation.
 
     Reads on the module: ``requests(batch)``, ``sampling`` (SamplingConfig or None),
     ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``. Writes on the module:
-    ``rollouts`` (N = B*G rollouts, request-major) and ``eval_rollouts`` (setting name → B*k
-    rollouts).
+    ``rollout_queue`` (this callback's ``RolloutQueue``: the module takes batch k's N = B*G
+    rollouts from it, request-major) and ``eval_rollouts`` (setting name → B*k rollouts).
 
-    Saved state: none. Sampling seeds derive from ``seed`` and the module's ``generation_step``
-    (saved in the checkpoint), so a resumed run samples what the uninterrupted run would have.
+    Saved state: the rollouts submitted ahead that no step has trained on yet (``RolloutQueue``),
+    so that a resumed run trains on what the uninterrupted run would have. Sampling seeds derive
+    from ``seed`` and the generation step (saved in the checkpoint by the module).
     """
 
     def __init__(
@@ -56,6 +63,7 @@ class RolloutCallback(pl.Callback):
         enforce_eager: bool = True,
         bucket_mb: int = 256,
         seed: int = 0,
+        max_staleness: int = 0,
     ) -> None:
         """
         Args:
@@ -71,10 +79,23 @@ class RolloutCallback(pl.Callback):
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
             seed: Base sampling seed; training call s uses ``seed + s``.
+            max_staleness: How many policy versions a training batch's rollouts may lag behind.
+                0 (MAYE): generate batch k after the update of batch k-1, then train on it.
+                1: the engine generates batch k+1 while the trainer updates on batch k, with the
+                weights from before that update (the module corrects for it; see
+                ``ReinforcePP.off_policy_correction``).
         """
         super().__init__()
         if engine not in ("vllm", "hf"):
             raise ValueError(f"`rollout.engine`={engine!r} must be 'vllm' or 'hf'.")
+        if max_staleness not in (0, 1):
+            raise ValueError(
+                f"`rollout.max_staleness`={max_staleness} is not supported; use 0 (synchronous, MAYE) or 1 "
+                "(generate the next batch during the update)."
+            )
+        self.max_staleness = max_staleness
+        self.queue = RolloutQueue()
+        self._restored_queue_state: dict[str, Any] | None = None
         self.engine_kind = engine
         self.model_path = model_path
         self.dtype = dtype
@@ -95,13 +116,23 @@ class RolloutCallback(pl.Callback):
     # ------------------------------------------------------------------ engine lifetime
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.rollout_queue = self.queue
         # The module's weights may be restored from a checkpoint after setup: sync before generating.
         self._weights_stale = True
         if self._engine_running:  # kept alive from the validation before fit
             return
+        if stage == "fit" and self.max_staleness and not hasattr(trainer.datamodule, "peek_train_batch"):
+            raise ValueError(
+                f"`rollout.max_staleness`={self.max_staleness} generates the next batch ahead, which needs a data "
+                f"module with `peek_train_batch` (MayeDataModule); {type(trainer.datamodule).__name__} has none — "
+                "set `rollout.max_staleness` 0."
+            )
         self._engine_running = True  # on every rank: the sync plan must agree across ranks
         self._sync_plan = WeightSyncPlan()
+        self.queue.clear()
         if trainer.is_global_zero:
+            # vLLM loads in its own process while the trainer builds its model (configure_model
+            # runs after this hook); its first operation waits for it.
             self.engine = self._start_engine(trainer, pl_module)
 
     def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RolloutEngine:
@@ -126,7 +157,22 @@ class RolloutCallback(pl.Callback):
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
             weight_bucket_bytes=self.bucket_bytes,
+            wait=False,
         )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores callback states after setup: a checkpoint's submitted batches land here.
+        state, self._restored_queue_state = self._restored_queue_state, None
+        if state is None:
+            return
+        self.queue.load_state_dict(state, is_global_zero=trainer.is_global_zero)
+        world = dist.get_world_size() if _distributed() else 1
+        if any(len(submission.prompt_ids) != world for submission in self.queue.submitted.values()):
+            rank_zero_warn(
+                f"RolloutCallback: the checkpoint holds rollouts generated ahead for another number of ranks "
+                f"than {world}; they are generated again (this resume is not exact)."
+            )
+            self.queue.clear()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "validate" and self.keep_engine_after_validate:
@@ -138,6 +184,7 @@ class RolloutCallback(pl.Callback):
 
     def shutdown(self) -> None:
         self._engine_running = False
+        self.queue.clear()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -147,18 +194,88 @@ class RolloutCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
         if pl_module.sampling is None:
             return
+        step = pl_module.generation_step
+        # The engine gets the newest weights before anything new is submitted; the engine runs
+        # the update after the generations already in flight, which keep their older weights.
         self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
-        seeded = SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed + pl_module.generation_step})
+        for ahead in range(self.max_staleness + 1):
+            if step + ahead in self.queue.submitted:  # submitted during an earlier step, or restored
+                continue
+            prompts = batch if ahead == 0 else self._peek(trainer, batch_idx, ahead)
+            if prompts is None:  # the run ends before that batch
+                break
+            self._submit(trainer, pl_module, step + ahead, prompts)
         start = time.perf_counter()
-        pl_module.rollouts = self._generate(pl_module.requests(batch), seeded)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(r.token_ids) for r in pl_module.rollouts)
+        rollouts, engine_seconds = self._resolve(trainer, pl_module, step, batch)
+        wait = time.perf_counter() - start
+        self.queue.put_ready(step, rollouts)
+        tokens = sum(len(r.token_ids) for r in rollouts)
         pl_module.log_dict(
-            {"perf/generate_s": seconds, "perf/generate_tokens_per_s": tokens / seconds}, batch_size=len(batch)
+            {"perf/generate_s": engine_seconds, "perf/generate_tokens_per_s": tokens / max(engine_seconds, 1e-9),
+             "perf/rollout_wait_s": wait},
+            batch_size=len(batch),
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._weights_stale = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.queue.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_queue_state = state_dict
+
+    def _peek(self, trainer: pl.Trainer, batch_idx: int, ahead: int) -> list[dict] | None:
+        """The training batch ``ahead`` batches after the current one, from the data module."""
+        more_epochs = trainer.max_epochs is None or trainer.max_epochs == -1 or trainer.current_epoch + 1 < trainer.max_epochs
+        return trainer.datamodule.peek_train_batch(
+            ahead, batches_left_in_epoch=int(trainer.num_training_batches) - batch_idx - 1, next_epoch=more_epochs
+        )
+
+    def _training_sampling(self, pl_module: Any, generation_step: int) -> SamplingConfig:
+        return SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed + generation_step})
+
+    def _submit(self, trainer: pl.Trainer, pl_module: Any, generation_step: int, prompts: list[dict]) -> None:
+        """Every rank sends its prompts to rank 0, which queues them all in the engine at once."""
+        requests = pl_module.requests(prompts)
+        ids = [sample["id"] for sample in prompts]
+        prompt_ids, gathered = [ids], [requests]
+        if _distributed():
+            prompt_ids = [None] * dist.get_world_size()
+            dist.all_gather_object(prompt_ids, ids)
+            gathered = [None] * dist.get_world_size() if trainer.is_global_zero else None
+            dist.gather_object(requests, gathered, dst=0)
+        handle = None
+        if trainer.is_global_zero:
+            handle = self.engine.submit(
+                [request for rank_requests in gathered for request in rank_requests],
+                self._training_sampling(pl_module, generation_step),
+                policy_version=trainer.global_step,
+            )
+        self.queue.submitted[generation_step] = Submission(prompt_ids, handle)
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: Any, generation_step: int, batch: list[dict]) -> tuple[list[Rollout], float]:
+        """Rank 0 waits for the step's rollouts and sends each rank its own; (rollouts, engine seconds)."""
+        submission = self.queue.submitted[generation_step]
+        rank = dist.get_rank() if _distributed() else 0
+        if submission.prompt_ids[rank] != [sample["id"] for sample in batch]:
+            raise RuntimeError(
+                f"RolloutCallback: the rollouts submitted ahead for generation step {generation_step} are for "
+                f"prompts {submission.prompt_ids[rank][:4]}..., but the batch trained on holds "
+                f"{[sample['id'] for sample in batch][:4]}...; the data module's peek_train_batch must return "
+                "what the training loader yields next (or set `rollout.max_staleness` 0)."
+            )
+        per_rank: list[Any] | None = None
+        if trainer.is_global_zero:
+            rollouts, G = submission.handle.result(), pl_module.sampling.n
+            seconds = submission.handle.engine_seconds or 0.0
+            ends = list(accumulate(len(ids) * G for ids in submission.prompt_ids))
+            per_rank = [(rollouts[end - len(ids) * G : end], seconds) for ids, end in zip(submission.prompt_ids, ends)]
+        if not _distributed():
+            return per_rank[0]
+        received: list[Any] = [None]
+        dist.scatter_object_list(received, per_rank, src=0)
+        return received[0]
 
     def _sync_if_stale(self, trainer: pl.Trainer, pl_module: Any, batch_size: int) -> None:
         """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time."""
@@ -196,7 +313,7 @@ class RolloutCallback(pl.Callback):
 
     def _generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
         """Rank 0 generates every rank's requests in one engine call; each rank gets its own back."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _distributed():
             return self.engine.generate(requests, sampling)
         world, rank = dist.get_world_size(), dist.get_rank()
         gathered: list[list[RolloutRequest]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
@@ -212,3 +329,7 @@ class RolloutCallback(pl.Callback):
         received: list[Any] = [None]
         dist.scatter_object_list(received, scattered, src=0)
         return received[0]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -8,13 +8,14 @@ actually sampled from (after temperature, top-p and the vision-token suppression
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from maye_pl.models.loading import stop_token_ids, vision_token_ids
-from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 
 
 class HFEngine:
@@ -35,8 +36,19 @@ class HFEngine:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         )
 
+    def submit(
+        self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0
+    ) -> ResolvedHandle:
+        """Generate now (the model shares the trainer's process and device) and return the result
+        as an already resolved handle."""
+        start = time.perf_counter()
+        rollouts = self.generate(requests, sampling, policy_version=policy_version)
+        return ResolvedHandle(rollouts, engine_seconds=time.perf_counter() - start)
+
     @torch.no_grad()
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(
+        self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0
+    ) -> list[Rollout]:
         """Sample ``sampling.n`` responses per request; B*G rollouts, request-major."""
         if not requests:
             return []
@@ -77,9 +89,9 @@ class HFEngine:
                     out = self.model.generate(**batch, **options)
         finally:
             self.model.train(was_training)
-        return self._rollouts(batch, out, sampling)
+        return self._rollouts(batch, out, sampling, policy_version)
 
-    def _rollouts(self, batch, out, sampling: SamplingConfig) -> list[Rollout]:
+    def _rollouts(self, batch, out, sampling: SamplingConfig, policy_version: int) -> list[Rollout]:
         P = batch["input_ids"].shape[1]
         responses = out.sequences[:, P:]  # (B*G, L), request-major
         if sampling.logprobs and out.scores:
@@ -107,6 +119,7 @@ class HFEngine:
                     finish_reason="stop" if stopped else "length",
                     logprobs=logprobs[row, :length].tolist() if logprobs is not None else None,
                     prompt_token_ids=prompt_ids.tolist(),
+                    policy_version=policy_version,
                 )
             )
         return rollouts

@@ -46,6 +46,9 @@ from maye_pl.rollout.placement import choose_engine_device, engine_environment
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# Request ids on the pipe: the host's start-up reply, and the shutdown request nobody waits for.
+_START_REQUEST_ID = 0
+_SHUTDOWN_REQUEST_ID = -1
 
 
 class VLLMEngineError(RuntimeError):
@@ -73,6 +76,8 @@ class VLLMEngine:
             bytes (a larger single tensor travels alone).
         startup_timeout_s: give up if the engine is not ready after this long.
         llm_kwargs: extra ``vllm.LLM`` arguments (e.g. ``{"max_num_batched_tokens": 8192}``).
+        wait: block until the engine is ready; False returns at once and the first operation
+            (or ``wait_ready()``) waits, so the caller can work while the engine loads.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class VLLMEngine:
         weight_bucket_bytes: int = 256 * 2**20,
         startup_timeout_s: float = 900.0,
         llm_kwargs: dict[str, Any] | None = None,
+        wait: bool = True,
     ) -> None:
         if weight_bucket_bytes < 1:
             raise ValueError(
@@ -141,22 +147,42 @@ class VLLMEngine:
             # vLLM does outside our in-process setup; the finalizer and PR_SET_PDEATHSIG end it.
             daemon=False,
         )
-        started = time.perf_counter()
+        self.model_path = str(model_path)
+        self.startup_timeout_s = startup_timeout_s
+        self._started = time.perf_counter()
         self._process.start()
         child_conn.close()  # only the host holds its end: a dead host reads as EOF here
         self._finalizer = weakref.finalize(self, _stop_host, self._process, self._conn)
+        # Replies arrive in the order the host served the requests; a reply read while waiting
+        # for another request's is kept here until its handle asks (request id -> (status, result)).
+        self._replies: dict[int, tuple[str, Any]] = {}
+        self._next_request_id = _START_REQUEST_ID + 1
+        self.startup_seconds: float | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the engine has loaded the model (the first operation does this implicitly).
+
+        The engine starts in the background from ``__init__(wait=False)``, so a trainer can build
+        its own model meanwhile; this raises the engine's start-up error, or a timeout after
+        ``startup_timeout_s`` counted from ``__init__``.
+        """
+        if self.startup_seconds is not None:
+            return
+        remaining = self.startup_timeout_s - (time.perf_counter() - self._started)
         try:
-            if not self._conn.poll(startup_timeout_s):
+            if _START_REQUEST_ID not in self._replies and not self._conn.poll(max(remaining, 0.0)):
                 raise VLLMEngineError(
-                    f"vLLM engine for {model_path} not ready after "
-                    f"startup_timeout_s={startup_timeout_s}; raise engine.startup_timeout_s or "
+                    f"vLLM engine for {self.model_path} not ready after "
+                    f"startup_timeout_s={self.startup_timeout_s}; raise the start-up timeout or "
                     "check the engine log above."
                 )
-            self._receive("start")
+            self._wait(_START_REQUEST_ID, "start")
         except BaseException:
             self.shutdown()
             raise
-        self.startup_seconds = time.perf_counter() - started
+        self.startup_seconds = time.perf_counter() - self._started
         logger.info(
             "vLLM engine on %s ready in %.1f s (pid %d)",
             self.device,
@@ -169,9 +195,21 @@ class VLLMEngine:
         """Process id of the engine host (None after shutdown)."""
         return self._process.pid if self._process is not None else None
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
+    def submit(
+        self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0
+    ) -> VLLMHandle:
+        """Queue a generation in the engine process and return at once; ``result()`` waits.
+
+        The host serves requests in the order they were sent, so a weight update sent after this
+        call does not change the weights this generation samples with.
+        """
+        return VLLMHandle(self, self._send("generate", (requests, sampling)), policy_version)
+
+    def generate(
+        self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0
+    ) -> list[Rollout]:
         """Sample ``sampling.n`` responses per request; B*G rollouts, request-major."""
-        return self._call("generate", (requests, sampling))
+        return self.submit(requests, sampling, policy_version=policy_version).result()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (transformers names), streamed in ``weight_bucket_bytes`` buckets.
@@ -223,29 +261,56 @@ class VLLMEngine:
         self.shutdown()
 
     def _call(self, op: str, payload: Any = None) -> Any:
+        """Send one operation and wait for its reply (operations ahead of it finish first)."""
+        return self._wait(self._send(op, payload), op)
+
+    def _send(self, op: str, payload: Any = None) -> int:
+        """Send ``(request id, op, payload)`` to the host; returns the request id."""
         if self._process is None:
             raise VLLMEngineError(
                 f"VLLMEngine.{op}: the engine was shut down; create a new VLLMEngine."
             )
+        if op != "shutdown":
+            self.wait_ready()
+        request_id = self._next_request_id
+        self._next_request_id += 1
         try:
-            self._conn.send((op, payload))
+            self._conn.send((request_id, op, payload))
         except (BrokenPipeError, ConnectionResetError) as error:
             raise self._died(op) from error
-        return self._receive(op)
+        return request_id
 
-    def _receive(self, op: str) -> Any:
+    def _poll(self, request_id: int) -> bool:
+        """True when the reply to ``request_id`` has arrived (reads, without waiting, what has)."""
         try:
-            status, result = self._conn.recv()
-        except (EOFError, ConnectionResetError) as error:
-            raise self._died(op) from error
-        except BaseException:
-            # Interrupted while waiting (Ctrl-C): the reply would arrive out of step with the
-            # next call, so this engine is done.
-            self.shutdown()
-            raise
+            while request_id not in self._replies and self._conn.poll():
+                self._read_reply()
+        except (EOFError, ConnectionResetError, OSError):
+            return True  # ``_wait`` reports the death
+        return request_id in self._replies
+
+    def _wait(self, request_id: int, op: str) -> Any:
+        """The result of request ``request_id``; raises the engine's error if it failed."""
+        while request_id not in self._replies:
+            if self._process is None:
+                raise VLLMEngineError(f"VLLMEngine.{op}: the engine was shut down while it ran.")
+            try:
+                self._read_reply()
+            except (EOFError, ConnectionResetError) as error:
+                raise self._died(op) from error
+            except BaseException:
+                # Interrupted while waiting (Ctrl-C): the engine would go on with work nobody
+                # waits for, and its reply would be read by the next call; this engine is done.
+                self.shutdown()
+                raise
+        status, result = self._replies.pop(request_id)
         if status == "error":
             raise VLLMEngineError(f"vLLM engine failed in {op}:\n{result}")
         return result
+
+    def _read_reply(self) -> None:
+        request_id, status, result = self._conn.recv()
+        self._replies[request_id] = (status, result)
 
     def _died(self, op: str) -> VLLMEngineError:
         self._process.join(timeout=5)
@@ -254,6 +319,31 @@ class VLLMEngine:
         return VLLMEngineError(
             f"vLLM engine process died during {op} (exit code {code}); see its log above."
         )
+
+
+class VLLMHandle:
+    """A generation queued in a ``VLLMEngine``: ``result()`` waits for its rollouts."""
+
+    def __init__(self, engine: VLLMEngine, request_id: int, policy_version: int) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._policy_version = policy_version
+        self._rollouts: list[Rollout] | None = None
+        self.engine_seconds: float | None = None
+        """Seconds the engine spent generating (known once resolved)."""
+
+    def done(self) -> bool:
+        """True when the rollouts have arrived (or the engine failed): ``result()`` will not wait."""
+        return self._rollouts is not None or self._engine._poll(self._request_id)  # noqa: SLF001
+
+    def result(self) -> list[Rollout]:
+        """The B*G rollouts, request-major, stamped with the policy version that sampled them."""
+        if self._rollouts is None:
+            rollouts, self.engine_seconds = self._engine._wait(self._request_id, "generate")  # noqa: SLF001
+            for rollout in rollouts:
+                rollout.policy_version = self._policy_version
+            self._rollouts = rollouts
+        return self._rollouts
 
 
 def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: float = 5.0) -> None:
@@ -271,7 +361,7 @@ def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: floa
     except psutil.NoSuchProcess:
         leftovers = []
     try:
-        conn.send(("shutdown", None))
+        conn.send((_SHUTDOWN_REQUEST_ID, "shutdown", None))
     except (BrokenPipeError, ConnectionResetError, OSError):
         pass  # already gone
     process.join(timeout=grace_s)
@@ -389,6 +479,13 @@ def _generate(
     return rollouts
 
 
+def _timed_generate(llm, requests, sampling, stop_ids, banned) -> tuple[list[Rollout], float]:
+    """(rollouts, seconds the engine spent on them): the trainer cannot time a queued request."""
+    start = time.perf_counter()
+    rollouts = _generate(llm, requests, sampling, stop_ids, banned)
+    return rollouts, time.perf_counter() - start
+
+
 def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pid: int) -> None:
     """Serve (op, payload) messages from the trainer until "shutdown" or the pipe closes."""
     os.environ.clear()
@@ -409,12 +506,12 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
         stop_ids = stop_token_ids(generation_config, tokenizer)
         banned = _vision_bad_words(tokenizer)
     except BaseException:
-        conn.send(("error", traceback.format_exc()))
+        conn.send((_START_REQUEST_ID, "error", traceback.format_exc()))
         return
-    conn.send(("ok", None))
+    conn.send((_START_REQUEST_ID, "ok", None))
 
     handlers = {
-        "generate": lambda payload: _generate(llm, *payload, stop_ids, banned),
+        "generate": lambda payload: _timed_generate(llm, *payload, stop_ids, banned),
         "begin_update": lambda _: llm.collective_rpc("maye_begin_weight_update"),
         "load_bucket": lambda payload: llm.collective_rpc(
             "maye_load_weight_bucket", args=(payload,)
@@ -423,16 +520,15 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
     }
     while True:
         try:
-            op, payload = conn.recv()
+            request_id, op, payload = conn.recv()
         except (EOFError, ConnectionResetError):
             break  # the trainer is gone
         if op == "shutdown":
-            conn.send(("ok", None))
             break
         try:
-            conn.send(("ok", handlers[op](payload)))
+            conn.send((request_id, "ok", handlers[op](payload)))
         except BaseException:
-            conn.send(("error", traceback.format_exc()))
+            conn.send((request_id, "error", traceback.format_exc()))
     # vLLM's in-process teardown can block on its background threads; nothing is left to flush.
     os._exit(0)
 

@@ -150,3 +150,29 @@ def test_datamodule_state_round_trip(tiny_model_dir, geo, restore, monkeypatch):
     assert _ids(loader) == uninterrupted[1:]
     with pytest.raises(KeyError, match="not 'train_sampler'"):
         resumed.load_state_dict({"sampler": {}})
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2])
+def test_peek_returns_what_the_loader_hands_out_next_also_across_epochs(tiny_model_dir, geo, num_replicas, monkeypatch):
+    """Pipelined rollouts generate batch k+1 before the loader yields it: peek_train_batch(1) at
+    every step equals the loader's next batch (per rank), into the next epoch too, and nothing
+    when no epoch follows; peeking does not move the loader."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    for rank in range(num_replicas):
+        dm = MayeDataModule(train_path=geo["train"], processor_path=tiny_model_dir, batch_size=3)
+        dm.setup("fit")
+        dm.trainer = None
+        monkeypatch.setattr(dm, "_world", lambda rank=rank: (num_replicas, rank))
+        loader = dm.train_dataloader()
+        per_epoch = len(loader)  # 12 samples: 4 batches on 1 rank, 2 per rank on 2
+        epochs = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            epochs.append([(batch, dm.peek_train_batch(1, per_epoch - i - 1, next_epoch=epoch == 0))
+                           for i, batch in enumerate(loader)])
+        flat = [pair for epoch in epochs for pair in epoch]
+        for (_, peeked), (actual, _) in zip(flat, flat[1:]):
+            assert [s["id"] for s in peeked] == [s["id"] for s in actual]
+            assert peeked[0]["prompt"] == actual[0]["prompt"]  # collated like the loader's
+        assert flat[-1][1] is None  # the run ends: nothing to generate ahead
+        assert epochs[0][0][0] != epochs[1][0][0]  # (each epoch has its own order)
