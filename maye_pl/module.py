@@ -19,7 +19,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from transformers import GenerationConfig
 
 from maye_pl import rl
@@ -27,10 +26,14 @@ from maye_pl.evaluation import (
     GENERATION_STEP,
     PAPER_EVAL_SETTINGS,
     EvalSetting,
-    reflection_counts,
 )
 from maye_pl.evaluation.scheme import PaperEvaluation
-from maye_pl.evaluation.step_metrics import average_stats, rollout_step_metrics
+from maye_pl.evaluation.step_metrics import (
+    average_stats,
+    log_reflective_sample,
+    micro_batch_stats,
+    rollout_step_metrics,
+)
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
 from maye_pl.optim import tokens_per_rank, warmup_cosine
@@ -39,9 +42,6 @@ from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory, engine_logprobs
-
-REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
-
 
 class ReinforcePP(PaperEvaluation, pl.LightningModule):
     """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
@@ -355,26 +355,19 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             micro = mb.select(micro_rows)
             logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
-            weights, behaviour = None, {}
-            if micro.behaviour_logprobs is not None:  # logged also when not applied: the mismatch shows
-                is_weights, behaviour_stats = rl.truncated_importance_weights(
+            weights = behaviour_stats = None
+            if micro.behaviour_logprobs is not None:  # the stats are logged also when not applied
+                weights, behaviour_stats = rl.truncated_importance_weights(
                     old, micro.behaviour_logprobs, micro.response_mask, hp.behaviour_weight_cap
                 )  # (b, T)
-                weights = is_weights if correct_off_policy else None
-                behaviour = {f"policy/behaviour_{name}": float(value) for name, value in behaviour_stats._asdict().items()}
             loss, loss_stats = rl.ppo_clip_loss(
                 logprobs, old, micro.ref_logprobs if micro.ref_logprobs is not None else old, micro.advantages,
                 micro.response_mask, clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high,
-                kl_loss_coef=hp.kl_loss_coef, loss_agg=hp.loss_agg, normalizer=normalizer, importance_weights=weights,
+                kl_loss_coef=hp.kl_loss_coef, loss_agg=hp.loss_agg, normalizer=normalizer,
+                importance_weights=weights if correct_off_policy else None,
             )
             self.manual_backward(loss)
-            valid = micro.response_mask
-            micro_stats.append({
-                "loss/total": float(loss.detach()), "loss/policy": float(loss_stats.policy_loss), "loss/kl": float(loss_stats.kl_loss),
-                "policy/clip_fraction": float(loss_stats.clip_fraction), "policy/ratio_mean": float(loss_stats.ratio_mean),
-                "policy/approx_kl": float(loss_stats.approx_kl),
-                "policy/entropy": float((entropy.detach() * valid).sum() / valid.sum().clamp(min=1)), **behaviour,
-            })
+            micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask, behaviour_stats))
             old_parts.append(old)
         max_norm = hp.max_grad_norm if hp.max_grad_norm is not None else float("inf")
         grad_norm = clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], max_norm)
@@ -400,21 +393,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         if accuracy is not None:
             self.log("reward/accuracy", accuracy.float().mean().to(self.device), on_step=True, on_epoch=True,
                      sync_dist=True, prog_bar=True, batch_size=trajectory.num_rows)
-            self.log_reflective_sample([r.text for r in rollouts], accuracy)
+            log_reflective_sample(self.loggers, [r.text for r in rollouts], accuracy, self.generation_step, self.global_step)
         self.log("reward", trajectory.scores.mean(), prog_bar=True, logger=False, batch_size=trajectory.num_rows)
-
-    def log_reflective_sample(self, texts: list[str], accuracy: torch.Tensor) -> None:
-        """One correct, reflective response of this step as a text sample, for loggers that take text."""
-        sample = next((text for text, correct in zip(texts, accuracy.tolist())
-                       if correct > 0 and reflection_counts([text], [True])["n_reflective"]), None)
-        if sample is None:
-            return
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_text(REFLECTIVE_SAMPLE_KEY, columns=["generation_step", "response"],
-                                data=[[self.generation_step, sample]])
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(REFLECTIVE_SAMPLE_KEY, sample, self.trainer.global_step)
 
     # ------------------------------------------------------------------ helpers
 

@@ -4,8 +4,9 @@
 parsed against the real constructor signatures, so a renamed or mistyped key fails here.
 
 `test_demo_fit_test_and_report` runs what the README tells a newcomer to run, shortened, as two
-seeds in fresh processes: `fit` (validation before training and after each epoch, rollouts from the
-real vLLM engine), then `test` from the saved checkpoint, then `report` over both runs. It checks
+seeds in fresh processes (the second with pipelined rollouts, `--rollout.max_staleness 1`): `fit`
+(validation before training and after each epoch, rollouts from the real vLLM engine), then `test`
+from the saved checkpoint, then `report` over both runs. It checks
 every metric the paper's evaluation scheme needs is in metrics.jsonl, per-sample predictions are
 written, the report writes its table and figures, and no engine process survives.
 """
@@ -98,13 +99,20 @@ def test_demo_fit_test_and_report(tmp_path):
     ]
     run_dirs = []
     for seed in (0, 1):
-        _maye_pl("fit", *overrides, "--seed_everything", str(seed), "--trainer.logger.init_args.version", f"seed{seed}",
-                 cwd=tmp_path)
+        # The second run pipelines its rollouts: one batch per epoch, so the batch generated ahead
+        # is the next epoch's first, in flight while the epoch's validation runs.
+        pipelined = ["--rollout.max_staleness", "1"] if seed else []
+        _maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
+                 "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
         run_dirs.append(tmp_path / "runs" / "demo" / f"seed{seed}")
 
+    for run_dir in run_dirs:
+        logged = set().union(*(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()))
+        assert not [name for name in EXPECTED_METRICS if name not in logged], run_dir
+    pipelined_rows = [json.loads(line) for line in (run_dirs[1] / "metrics.jsonl").read_text().splitlines()]
+    # Epoch 2's batch was generated during epoch 1, by the weights before that epoch's update.
+    assert [row["policy/staleness"] for row in pipelined_rows if "policy/staleness" in row] == [0.0, 4.0]
     rows = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
-    logged = set().union(*rows)
-    assert not [name for name in EXPECTED_METRICS if name not in logged]
     vanilla = [row for row in rows if "val/pass@8_t1.0" in row]
     assert [row["step"] for row in vanilla] == [0, 4, 8]  # before training, after epochs 1 and 2 (4 updates each)
     predictions = sorted(p.name for p in (run_dirs[0] / "predictions").iterdir())

@@ -5,7 +5,8 @@ The reward is the share of the letter "e" in the response text, a user reward gi
 letter's base rate; if the gradient sign, the advantages, or the weight sync into the engine were
 wrong, the engine would keep sampling from the initial policy and the reward would not move. Over
 8 generation steps the mean reward of the last three steps must beat the first three by a wide
-margin.
+margin, also with pipelined rollouts (``rollout.max_staleness`` 1: each batch sampled one policy
+version back, weighted by the off-policy correction).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def letter_share_reward(responses: list[str], samples: list[dict]) -> torch.Tens
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("max_staleness", [0, 1], ids=["synchronous", "pipelined"])
+def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_path, max_staleness):
     splits = generate_geometry_dataset(tmp_path / "geo", n_train=64, n_val=0, n_test=0)
     pl.seed_everything(0)
     data = MayeDataModule(splits["train"], batch_size=8, processor_path=tiny_model_dir)
@@ -43,7 +45,8 @@ def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_pat
         lr=3e-2,
         reward_penalty=None,  # MAYE's no-EOS penalty would replace the letter reward of most rows
     )
-    rollout = RolloutCallback(engine="vllm", device="cpu", kv_cache_gb=0.25, max_model_len=1024)
+    rollout = RolloutCallback(engine="vllm", device="cpu", kv_cache_gb=0.25, max_model_len=1024,
+                              max_staleness=max_staleness)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=pl.loggers.CSVLogger(tmp_path / "runs"),
         callbacks=[rollout, MetricsFileCallback()], enable_checkpointing=False, enable_progress_bar=False,

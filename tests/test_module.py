@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
+from maye_pl.evaluation.step_metrics import log_reflective_sample
 from maye_pl.module import ReinforcePP
 from maye_pl.rollout.base import Rollout, SamplingConfig
 
@@ -83,16 +84,13 @@ def test_trajectory_masks_penalties_rewards_and_advantages(tiny_model_dir, promp
     assert valid.mean().abs() < 1e-5  # whitened to zero mean over the (here single-rank) global batch
 
 
-def test_a_correct_reflective_response_is_logged_as_text(tiny_model_dir, tmp_path):
-    from lightning.pytorch import Trainer
+def test_a_correct_reflective_response_is_logged_as_text(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    module = ReinforcePP(str(tiny_model_dir))
     logger = TensorBoardLogger(tmp_path, name="tb")
-    module.trainer = Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
     texts = ["wait, no box", "Wait, let me verify: \\boxed{5}", "plain \\boxed{5}"]
-    module.log_reflective_sample(texts, torch.tensor([0.0, 1.0, 1.0]))  # only the 2nd is both
+    log_reflective_sample([logger], texts, torch.tensor([0.0, 1.0, 1.0]), generation_step=1, global_step=4)  # only the 2nd is both
     logger.experiment.flush()
 
     events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})

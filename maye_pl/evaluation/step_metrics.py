@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from maye_pl import rl
 from maye_pl.evaluation.names import REFLECTION_PREFIX
 from maye_pl.evaluation.reflection import ratios_from_counts, reflection_counts
 from maye_pl.rollout.base import Rollout
 from maye_pl.trajectory import Trajectory
+
+REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 
 
 def rollout_step_metrics(
@@ -69,6 +72,44 @@ def rollout_step_metrics(
         summed_counts = dict(zip(counts, values[len(means):]))
         metrics.update({f"{REFLECTION_PREFIX}{name}": value for name, value in ratios_from_counts(summed_counts).items()})
     return metrics
+
+
+def micro_batch_stats(
+    loss: torch.Tensor,
+    loss_stats: rl.PPOLossStats,
+    entropy: torch.Tensor,
+    response_mask: torch.Tensor,
+    behaviour: rl.BehaviourWeightStats | None,
+) -> dict[str, float]:
+    """One micro-batch's loss and policy statistics by metric name (entropy: (b, T), token mean)."""
+    stats = {
+        "loss/total": float(loss.detach()),
+        "loss/policy": float(loss_stats.policy_loss),
+        "loss/kl": float(loss_stats.kl_loss),
+        "policy/clip_fraction": float(loss_stats.clip_fraction),
+        "policy/ratio_mean": float(loss_stats.ratio_mean),
+        "policy/approx_kl": float(loss_stats.approx_kl),
+        "policy/entropy": float((entropy.detach() * response_mask).sum() / response_mask.sum().clamp(min=1)),
+    }
+    if behaviour is not None:
+        stats.update({f"policy/behaviour_{name}": float(value) for name, value in behaviour._asdict().items()})
+    return stats
+
+
+def log_reflective_sample(
+    loggers: list[Logger], texts: list[str], accuracy: torch.Tensor, generation_step: int, global_step: int
+) -> None:
+    """One correct, reflective response of the step as a text sample, for loggers that take text
+    (a W&B table row, a TensorBoard text)."""
+    sample = next((text for text, correct in zip(texts, accuracy.tolist())
+                   if correct > 0 and reflection_counts([text], [True])["n_reflective"]), None)
+    if sample is None:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_text(REFLECTIVE_SAMPLE_KEY, columns=["generation_step", "response"], data=[[generation_step, sample]])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(REFLECTIVE_SAMPLE_KEY, sample, global_step)
 
 
 def average_stats(stats: list[dict[str, float]]) -> dict[str, float]:
