@@ -160,8 +160,9 @@ class RolloutCallback(pl.Callback):
             wait=False,
         )
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning restores callback states after setup: a checkpoint's submitted batches land here.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores callback states after setup, and after on_fit_start under strategies
+        # that restore after their own setup (FSDP2): a checkpoint's submitted batches land here.
         state, self._restored_queue_state = self._restored_queue_state, None
         if state is None:
             return
