@@ -16,6 +16,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class RolloutCallback(pl.Callback):
     """Generates rollouts on global rank 0 and streams fresh weights into the engine.
@@ -56,6 +58,11 @@ class RolloutCallback(pl.Callback):
         enforce_eager: bool = True,
         bucket_mb: int = 256,
         seed: int = 0,
+        # vLLM only: start-up limit, concurrency, further engine arguments, log level
+        startup_timeout_s: float = 900.0,
+        max_num_seqs: int = 256,
+        engine_kwargs: dict[str, Any] | None = None,
+        log_level: str = "warning",
     ) -> None:
         """
         Args:
@@ -71,10 +78,18 @@ class RolloutCallback(pl.Callback):
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
             seed: Base sampling seed; training call s uses ``seed + s``.
+            startup_timeout_s: Give up when the vLLM engine is not ready after this many seconds.
+            max_num_seqs: Sequences vLLM decodes concurrently.
+            engine_kwargs: Further ``vllm.LLM`` arguments, e.g. ``{max_num_batched_tokens: 8192}``;
+                they override the engine's own settings.
+            log_level: vLLM's log level ("debug", "info", "warning", "error"); "info" shows its
+                config dump and per-step lines.
         """
         super().__init__()
         if engine not in ("vllm", "hf"):
             raise ValueError(f"`rollout.engine`={engine!r} must be 'vllm' or 'hf'.")
+        if log_level.upper() not in _LOG_LEVELS:
+            raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
         self.engine_kind = engine
         self.model_path = model_path
         self.dtype = dtype
@@ -86,6 +101,8 @@ class RolloutCallback(pl.Callback):
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
         self.seed = seed
+        self.vllm_options = {"startup_timeout_s": startup_timeout_s, "max_num_seqs": max_num_seqs,
+                             "llm_kwargs": engine_kwargs, "log_level": log_level}
         self.engine: RolloutEngine | None = None
         self.keep_engine_after_validate = False
         self._sync_plan = WeightSyncPlan()
@@ -126,6 +143,7 @@ class RolloutCallback(pl.Callback):
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
             weight_bucket_bytes=self.bucket_bytes,
+            **self.vllm_options,
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
