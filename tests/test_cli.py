@@ -13,7 +13,6 @@ written, the report writes its table and figures, and no engine process survives
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,12 +85,8 @@ def _engine_processes() -> list[psutil.Process]:
 @pytest.mark.vllm
 def test_demo_fit_test_and_report(tmp_path):
     before = {p.pid for p in _engine_processes()}
-    overrides = [
+    overrides = [  # the demo's relative model and data paths: demo_assets builds them under tmp_path
         "--config", str(REPO / "configs/demo.yaml"),
-        "--model.model_path", str(tmp_path / "tiny"),
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"),
-        "--data.val_path", str(tmp_path / "geo/validation.jsonl"),
-        "--data.test_path", str(tmp_path / "geo/test.jsonl"),
         "--data.max_eval_samples", "2",
         "--trainer.limit_train_batches", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
@@ -125,7 +120,8 @@ def test_demo_fit_test_and_report(tmp_path):
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
 
     assert {p.pid for p in _engine_processes()} <= before, "an engine process outlived its run"
-    assert os.path.isdir(tmp_path / "tiny") and (tmp_path / "geo" / "manifest.json").is_file()
+    assert (tmp_path / ".cache/tiny-qwen2.5-vl/config.json").is_file()
+    assert (tmp_path / "datasets/demo_geometry/manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -141,8 +137,7 @@ def test_loggers_are_selected_on_the_command_line(tmp_path):
     ]
     _maye_pl(
         "fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger", json.dumps(loggers),
-        "--model.model_path", str(tmp_path / "tiny"),
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
+        "--data.val_path", "null", "--data.test_path", "null",
         "--model.validate_before_fit", "false", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
         "--rollout.engine", "hf",
         cwd=tmp_path,
