@@ -14,6 +14,8 @@ import pytest
 from maye_pl.cli import DEMO_DATA_DIR, MayeCLI, _strategy_from_class_path, main
 from maye_pl.console import ShortNamesTQDMProgressBar
 from maye_pl.evaluation.summary import eval_table, run_summary
+from maye_pl.rollout.callback import RolloutCallback
+from maye_pl.rollout.vllm_engine import host_environment
 from maye_pl.strategies import FSDP2Strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,3 +168,14 @@ def test_strategy_class_path():
         _strategy_from_class_path("maye_pl.strategies.FSDP3")
     with pytest.raises(ValueError, match="is not a lightning Strategy class"):
         _strategy_from_class_path("maye_pl.strategies.WeightSyncPlan")
+
+
+def test_vllm_logs_at_warning_unless_asked():
+    """The engine host runs vLLM at WARNING by default (its INFO config dump and per-step lines
+    stay out of the console); `rollout.log_level` sets any level and rejects unknown ones."""
+    assert RolloutCallback().vllm_options["log_level"] == "warning"
+    assert host_environment("cpu")["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert host_environment("cpu", RolloutCallback(log_level="info").vllm_options["log_level"])[
+        "VLLM_LOGGING_LEVEL"] == "INFO"
+    with pytest.raises(ValueError, match=r"`rollout.log_level`='loud' must be one of debug, info, warning"):
+        RolloutCallback(log_level="loud")

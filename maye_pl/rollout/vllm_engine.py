@@ -136,9 +136,7 @@ class VLLMEngine:
             "use_tqdm_on_load": False,
             **(llm_kwargs or {}),
         }
-        env = engine_environment(self.device)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core inside the host (see top)
-        env["VLLM_LOGGING_LEVEL"] = log_level.upper()  # read when the host imports vllm
+        env = host_environment(self.device, log_level)
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -263,6 +261,15 @@ class VLLMEngine:
         return VLLMEngineError(
             f"vLLM engine process died during {op} (exit code {code}); see its log above."
         )
+
+
+def host_environment(device: str, log_level: str = "warning") -> dict[str, str]:
+    """The engine host's environment: placement's for ``device``, vLLM's engine core in the host
+    (see top), and vLLM's log level (``VLLM_LOGGING_LEVEL``, read when the host imports vllm)."""
+    env = engine_environment(device)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["VLLM_LOGGING_LEVEL"] = log_level.upper()
+    return env
 
 
 def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: float = 5.0) -> None:
