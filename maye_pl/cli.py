@@ -75,13 +75,12 @@ class MayeCLI(LightningCLI):
         strategy = trainer_config.get("strategy")
         if isinstance(strategy, str) and "." in strategy:
             kwargs.setdefault("strategy", _strategy_from_class_path(strategy))
-        console: list[Callback] = [RunConsoleCallback()]
         configured = trainer_config.get("callbacks") or []
-        if trainer_config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in (configured if isinstance(configured, list) else [configured])
-        ):
-            console.append(default_progress_bar())
-        self.trainer_defaults["callbacks"] = console
+        configured = configured if isinstance(configured, list) else [configured]
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        bar: list[Callback] = [default_progress_bar()] if wants_bar and not any(
+            isinstance(c, ProgressBar) for c in configured) else []
+        self.trainer_defaults["callbacks"] = [*bar, RunConsoleCallback()]  # the summary prints after the bar
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -93,8 +93,9 @@ def default_progress_bar() -> RichProgressBar | TQDMProgressBar:
 
 
 class RunConsoleCallback(pl.Callback):
-    """Prints on global rank 0: one table per ``validate``/``test`` run and, after ``fit``, the
-    run summary (metrics.jsonl of the run's MetricsFileCallback). Saved state: none.
+    """Prints on global rank 0: one table per ``validate``/``test`` run and, after a ``fit`` that
+    finished, the run summary (metrics.jsonl of the run's MetricsFileCallback). Register it after
+    the progress bar, so the summary follows the bar's last line. Saved state: none.
 
     The table replaces Lightning's, which lists every metric logged at epoch end under each
     dataloader (val and test are two validation dataloaders, so every value appeared twice): it
@@ -108,6 +109,7 @@ class RunConsoleCallback(pl.Callback):
         self._validation_seconds = 0.0
         self._steps = 0
         self._train_seconds: float | None = None
+        self._fit_finished = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reference = getattr(pl_module, "ref_policy", None)
@@ -149,8 +151,15 @@ class RunConsoleCallback(pl.Callback):
                 print(eval_table(metrics, title))
         loop.verbose = False
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_finished = True  # reached only when fit ran to its end
+
+    @rank_zero_only
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After on_fit_end: the progress bar (an earlier callback) has drawn its last line by now.
+        if stage != "fit" or not self._fit_finished:
+            return
+        self._fit_finished = False
         metrics_file = next((c for c in trainer.callbacks if isinstance(c, MetricsFileCallback)), None)
         if metrics_file is None or metrics_file.run_dir is None:
             return

@@ -13,6 +13,7 @@ written, the report writes its table and figures, and no engine process survives
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,13 @@ def test_demo_fit_test_and_report(tmp_path):
     ]
     run_dirs = []
     for seed in (0, 1):
-        _maye_pl("fit", *overrides, "--seed_everything", str(seed), "--trainer.logger.init_args.version", f"seed{seed}",
-                 cwd=tmp_path)
+        fit = _maye_pl("fit", *overrides, "--seed_everything", str(seed),
+                       "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
         run_dirs.append(tmp_path / "runs" / "demo" / f"seed{seed}")
+    # One Vanilla table with a column per split (not Lightning's per-dataloader duplicate), then the summary.
+    assert "DataLoader 1" not in fit.stdout and re.search(r"Validation metric +val +test\n", fit.stdout)
+    assert f"python -m maye_pl report {run_dirs[1]} --out" in fit.stdout
+    assert " INFO " not in fit.stderr  # vLLM at WARNING
 
     rows = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*rows)
@@ -108,8 +113,9 @@ def test_demo_fit_test_and_report(tmp_path):
     assert set(first) == {"id", "question", "answer", "predictions", "correct"} and len(first["predictions"]) == 8
 
     checkpoint = next((run_dirs[0] / "checkpoints").glob("*.ckpt"))
-    _maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
-             cwd=tmp_path)
+    tested = _maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
+                      cwd=tmp_path)
+    assert re.search(r"Test metric +test\n", tested.stdout) and "DataLoader 0" not in tested.stdout
     test_rows = [json.loads(line) for line in (tmp_path / "runs/demo/test/metrics.jsonl").read_text().splitlines()]
     assert "test/pass@1_t0.6" in test_rows[-1]
 
