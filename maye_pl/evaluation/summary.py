@@ -6,14 +6,13 @@ console callback (maye_pl/console.py) calls them on global rank 0.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from statistics import fmean
 from typing import Any
 
 from maye_pl.evaluation.names import TRAIN_ACCURACY_EPOCH
-from maye_pl.evaluation.runs import epoch_values, vanilla_value
+from maye_pl.evaluation.runs import epoch_values, is_number, vanilla_value
 
 SPLITS = ("val", "test")
 """Metric name prefixes shown as table columns (MayeDataModule's eval splits)."""
@@ -76,7 +75,9 @@ def run_summary(
         lines += ["Training:", _layout(train)]
     evaluation = []
     for name in sorted({k for row in rows for k in row if k.partition("/")[0] in SPLITS}):
-        last = next(float(row[name]) for row in reversed(rows) if _is_number(row.get(name)))
+        last = next((float(row[name]) for row in reversed(rows) if is_number(row.get(name))), None)
+        if last is None:  # only NaN/inf logged
+            continue
         vanilla = vanilla_value(rows, name)
         evaluation.append([f"  {name}", "-" if vanilla is None else _number(vanilla), f"→ {_number(last)}"])
     if evaluation:
@@ -85,7 +86,7 @@ def run_summary(
     if steps and train_seconds is not None:
         speed.append(f"{train_seconds / steps:.2f} s/step over {steps} steps")
     for label, name in (("generation", GENERATE_TOKENS_PER_S), ("update", UPDATE_TOKENS_PER_S)):
-        values = [float(row[name]) for row in rows if _is_number(row.get(name))]
+        values = [float(row[name]) for row in rows if is_number(row.get(name))]
         if values:
             speed.append(f"{label} {fmean(values):.0f} tokens/s")
     if speed:
@@ -97,13 +98,9 @@ def run_summary(
 def _epoch_means(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
     per_epoch: dict[int, list[float]] = defaultdict(list)
     for row in rows:
-        if _is_number(row.get(metric)):
+        if is_number(row.get(metric)):
             per_epoch[row["epoch"]].append(float(row[metric]))
     return {epoch: fmean(values) for epoch, values in per_epoch.items()}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(value: float) -> str:
