@@ -7,18 +7,26 @@ and a YAML key. `report RUN_DIR… --out DIR` and `export CKPT OUT_DIR` are plai
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import Strategy
 
+from maye_pl.console import RunConsoleCallback, configure_console, default_progress_bar
 from maye_pl.data import MayeDataModule, ensure_geometry_dataset
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
 from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.rollout.callback import RolloutCallback
 
-# The synthetic set the CPU demo trains and evaluates on (datasets/README.md).
+# What `demo_assets` builds, and only at these paths (configs/demo.yaml's defaults): the tiny random
+# model, and the synthetic set the CPU demo trains and evaluates on (datasets/README.md).
+DEMO_MODEL_PATH = Path(".cache/tiny-qwen2.5-vl")
+DEMO_DATA_DIR = Path("datasets/demo_geometry")
 DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
 
 
@@ -44,16 +52,36 @@ class MayeCLI(LightningCLI):
             "--demo_assets",
             type=bool,
             default=False,
-            help="Build the tiny random Qwen2.5-VL at model.model_path and the synthetic geometry set "
-            "beside data.train_path when they are missing (the CPU demo; never downloads anything).",
+            help=f"Build the CPU demo's tiny random Qwen2.5-VL at {DEMO_MODEL_PATH} and its synthetic "
+            f"geometry set in {DEMO_DATA_DIR}/ when model.model_path / a data path points there and "
+            "they are missing (never downloads anything; other paths are left as they are).",
         )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if not config.get("demo_assets"):
             return
-        ensure_tiny_model(Path(config.model.init_args.model_path))
-        ensure_geometry_dataset(Path(config.data.train_path).parent, **DEMO_GEOMETRY)
+        # Only the demo's own paths: a path the user set is theirs, and a missing one gets the
+        # data module's or the model loader's error.
+        if _same_path(config.model.init_args.model_path, DEMO_MODEL_PATH):
+            ensure_tiny_model(DEMO_MODEL_PATH)
+        data_paths = (config.data.train_path, config.data.val_path, config.data.test_path)
+        if any(path is not None and _same_path(Path(path).parent, DEMO_DATA_DIR) for path in data_paths):
+            ensure_geometry_dataset(DEMO_DATA_DIR, **DEMO_GEOMETRY)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with the console callbacks and ``trainer.strategy`` given as a class path."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        strategy = trainer_config.get("strategy")
+        if isinstance(strategy, str) and "." in strategy:
+            kwargs.setdefault("strategy", _strategy_from_class_path(strategy))
+        configured = trainer_config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        bar: list[Callback] = [default_progress_bar()] if wants_bar and not any(
+            isinstance(c, ProgressBar) for c in configured) else []
+        self.trainer_defaults["callbacks"] = [*bar, RunConsoleCallback()]  # the summary prints after the bar
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         """Validate once before training: the paper's "Vanilla" column (epoch 0).
@@ -71,6 +99,32 @@ class MayeCLI(LightningCLI):
             rollout.keep_engine_after_validate = False
 
 
+def _same_path(path: str | Path, other: Path) -> bool:
+    return Path(path).resolve() == other.resolve()
+
+
+def _strategy_from_class_path(class_path: str) -> Strategy:
+    """``trainer.strategy`` as a class path (``maye_pl.strategies.FSDP2Strategy``), built with its
+    defaults; Lightning itself takes only registered names (``fsdp2``) or ``class_path:`` nodes."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        strategy_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"`trainer.strategy`={class_path!r}: cannot import {class_name!r} from {module_name!r} "
+            f"({error}). Give a registered name (`fsdp2` is maye_pl's FSDP2Strategy, or ddp, "
+            "fsdp, auto) or a Strategy class path such as maye_pl.strategies.FSDP2Strategy; "
+            "set its arguments with --trainer.strategy.class_path and "
+            "--trainer.strategy.init_args.<name>."
+        ) from error
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, Strategy)):
+        raise ValueError(
+            f"`trainer.strategy`={class_path!r} is not a lightning Strategy class; give one "
+            "(maye_pl.strategies.FSDP2Strategy) or a registered name such as `fsdp2`."
+        )
+    return strategy_class()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
     words = sys.argv[1:] if argv is None else argv
@@ -84,4 +138,5 @@ def main(argv: list[str] | None = None) -> None:
 
         export_main(words[1:])
         return
+    configure_console()
     MayeCLI(args=argv)

@@ -14,7 +14,7 @@ written, the report writes its table and figures, and no engine process survives
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,12 +87,8 @@ def _engine_processes() -> list[psutil.Process]:
 @pytest.mark.vllm
 def test_demo_fit_test_and_report(tmp_path):
     before = {p.pid for p in _engine_processes()}
-    overrides = [
+    overrides = [  # the demo's relative model and data paths: demo_assets builds them under tmp_path
         "--config", str(REPO / "configs/demo.yaml"),
-        "--model.model_path", str(tmp_path / "tiny"),
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"),
-        "--data.val_path", str(tmp_path / "geo/validation.jsonl"),
-        "--data.test_path", str(tmp_path / "geo/test.jsonl"),
         "--data.max_eval_samples", "2",
         "--trainer.limit_train_batches", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
@@ -102,9 +98,13 @@ def test_demo_fit_test_and_report(tmp_path):
         # The second run pipelines its rollouts: one batch per epoch, so the batch generated ahead
         # is the next epoch's first, in flight while the epoch's validation runs.
         pipelined = ["--rollout.max_staleness", "1"] if seed else []
-        _maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
-                 "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
+        fit = _maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
+                       "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
         run_dirs.append(tmp_path / "runs" / "demo" / f"seed{seed}")
+    # One Vanilla table with a column per split (not Lightning's per-dataloader duplicate), then the summary.
+    assert "DataLoader 1" not in fit.stdout and re.search(r"Validation metric +val +test\n", fit.stdout)
+    assert f"python -m maye_pl report {run_dirs[1]} --out" in fit.stdout
+    assert " INFO " not in fit.stderr  # vLLM at WARNING
 
     for run_dir in run_dirs:
         logged = set().union(*(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()))
@@ -121,8 +121,9 @@ def test_demo_fit_test_and_report(tmp_path):
     assert set(first) == {"id", "question", "answer", "predictions", "correct"} and len(first["predictions"]) == 8
 
     checkpoint = next((run_dirs[0] / "checkpoints").glob("*.ckpt"))
-    _maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
-             cwd=tmp_path)
+    tested = _maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
+                      cwd=tmp_path)
+    assert re.search(r"Test metric +test\n", tested.stdout) and "DataLoader 0" not in tested.stdout
     test_rows = [json.loads(line) for line in (tmp_path / "runs/demo/test/metrics.jsonl").read_text().splitlines()]
     assert "test/pass@1_t0.6" in test_rows[-1]
 
@@ -133,7 +134,8 @@ def test_demo_fit_test_and_report(tmp_path):
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
 
     assert {p.pid for p in _engine_processes()} <= before, "an engine process outlived its run"
-    assert os.path.isdir(tmp_path / "tiny") and (tmp_path / "geo" / "manifest.json").is_file()
+    assert (tmp_path / ".cache/tiny-qwen2.5-vl/config.json").is_file()
+    assert (tmp_path / "datasets/demo_geometry/manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -149,8 +151,7 @@ def test_loggers_are_selected_on_the_command_line(tmp_path):
     ]
     _maye_pl(
         "fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger", json.dumps(loggers),
-        "--model.model_path", str(tmp_path / "tiny"),
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
+        "--data.val_path", "null", "--data.test_path", "null",
         "--model.validate_before_fit", "false", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
         "--rollout.engine", "hf",
         cwd=tmp_path,

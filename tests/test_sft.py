@@ -123,11 +123,7 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
     before = _engine_pids()
     _maye_pl(
         "fit", "--config", str(REPO / "configs/sft_demo.yaml"),
-        "--model.model_path", str(tmp_path / "tiny"),
         "--model.eval_max_tokens", "16",
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"),
-        "--data.val_path", str(tmp_path / "geo/validation.jsonl"),
-        "--data.test_path", str(tmp_path / "geo/test.jsonl"),
         "--data.max_eval_samples", "2",
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2",
@@ -143,7 +139,7 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
     names = ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01")
     assert all(f"{split}/{name}" in row for row in evals for split in ("val", "test") for name in names)
     losses = [row["loss/sft"] for row in rows if "loss/sft" in row]
-    vocab = json.loads((tmp_path / "tiny" / "config.json").read_text())["text_config"]["vocab_size"]
+    vocab = json.loads((tmp_path / ".cache/tiny-qwen2.5-vl/config.json").read_text())["text_config"]["vocab_size"]
     # A per-token mean NLL: the random model starts near log(vocab), not at a sum over tokens.
     assert len(losses) == 2 and abs(losses[0] - math.log(vocab)) < 1.0
     assert "val_pass@8_t1.0_step2.jsonl" in {p.name for p in (run_dir / "predictions").iterdir()}
@@ -153,5 +149,6 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
     assert _engine_pids() <= before, "an engine process outlived its run"
-    # demo_assets built the tiny model and the synthetic set where the overrides pointed.
-    assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "geo" / "manifest.json").is_file()
+    # demo_assets built the tiny model and the synthetic set at the config's paths, relative to the cwd.
+    assert (tmp_path / ".cache/tiny-qwen2.5-vl/config.json").is_file()
+    assert (tmp_path / "datasets/demo_geometry/manifest.json").is_file()

@@ -163,7 +163,8 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
     return list(groups.values())
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a value a metrics.jsonl row can plot."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -171,7 +172,7 @@ def vanilla_row_index(rows: list[dict[str, Any]], metric: str) -> int | None:
     """Index of the Vanilla row of `metric`: the first row holding it with step == 0 (the
     validation before any training step), or None."""
     for i, row in enumerate(rows):
-        if row["step"] == 0 and _is_number(row.get(metric)):
+        if row["step"] == 0 and is_number(row.get(metric)):
             return i
     return None
 
@@ -189,7 +190,7 @@ def epoch_values(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:
     return {
         row["epoch"]: float(row[metric])
         for i, row in enumerate(rows)
-        if i != skip and _is_number(row.get(metric))
+        if i != skip and is_number(row.get(metric))
     }
 
 
@@ -198,7 +199,7 @@ def curve(rows: list[dict[str, Any]], metric: str, x: str) -> dict[float, float]
     return {
         float(row[x]): float(row[metric])
         for row in rows
-        if _is_number(row.get(x)) and _is_number(row.get(metric))
+        if is_number(row.get(x)) and is_number(row.get(metric))
     }
 
 

@@ -116,7 +116,7 @@ def masked_whiten(
         raise ValueError(
             f"maye_pl/rl/advantages.py masked_whiten: {int(count.item())} valid token(s) "
             f"({'global' if group is not None else 'local'}); the unbiased variance needs at least "
-            "2. Raise the batch size (data.batch_size / rollout.n) or check the response mask."
+            "2. Pass more rows (prompts × samples per prompt) or check the response mask."
         )
     mean = total / count
     centered = (x - mean) * fmask  # (N, T)
@@ -173,10 +173,9 @@ def reinforce_pp_advantages(
 def _check_group_size(num_rows: int, group_size: int, caller: str) -> None:
     if group_size < 2 or num_rows % group_size != 0:
         raise ValueError(
-            f"maye_pl/rl/advantages.py {caller}: group_size={group_size} (rollout.n, samples per "
-            f"prompt) must be >= 2 and divide the number of rows N={num_rows}; a per-prompt "
-            "baseline needs at least 2 samples of each prompt, stored request-major. Set "
-            "rollout.n >= 2."
+            f"maye_pl/rl/advantages.py {caller}: group_size={group_size} (samples per prompt) "
+            f"must be >= 2 and divide the number of rows N={num_rows}; a per-prompt baseline "
+            "needs at least 2 samples of each prompt, stored request-major. Pass group_size >= 2."
         )
 
 
@@ -196,7 +195,7 @@ def reinforce_pp_baseline_advantages(
 
     Args:
         scores: (N,) with N = B*G, request-major (prompt i owns rows i*G .. i*G+G-1).
-        group_size: G, samples per prompt (``rollout.n``).
+        group_size: G, samples per prompt.
         Others: as ``reinforce_pp_advantages``.
 
     Returns:
@@ -231,7 +230,7 @@ def grpo_advantages(
     Args:
         scores: (N,) with N = B*G, request-major.
         response_mask: (N, T) bool.
-        group_size: G, samples per prompt (``rollout.n``).
+        group_size: G, samples per prompt.
         eps: keeps prompts whose samples all scored the same at advantage 0 instead of nan.
 
     Returns:

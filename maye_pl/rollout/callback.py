@@ -19,6 +19,8 @@ from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, Samplin
 from maye_pl.rollout.queue import RolloutQueue, Submission
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class RolloutCallback(pl.Callback):
     """Generates rollouts on global rank 0 and streams fresh weights into the engine.
@@ -64,6 +66,11 @@ class RolloutCallback(pl.Callback):
         bucket_mb: int = 256,
         seed: int = 0,
         max_staleness: int = 0,
+        # vLLM only: start-up limit, concurrency, further engine arguments, log level
+        startup_timeout_s: float = 900.0,
+        max_num_seqs: int = 256,
+        engine_kwargs: dict[str, Any] | None = None,
+        log_level: str = "warning",
     ) -> None:
         """
         Args:
@@ -84,6 +91,12 @@ class RolloutCallback(pl.Callback):
                 1: the engine generates batch k+1 while the trainer updates on batch k, with the
                 weights from before that update (the module corrects for it; see
                 ``ReinforcePP.off_policy_correction``).
+            startup_timeout_s: Give up when the vLLM engine is not ready after this many seconds.
+            max_num_seqs: Sequences vLLM decodes concurrently.
+            engine_kwargs: Further ``vllm.LLM`` arguments, e.g. ``{max_num_batched_tokens: 8192}``;
+                they override the engine's own settings.
+            log_level: vLLM's log level ("debug", "info", "warning", "error"); "info" shows its
+                config dump and per-step lines.
         """
         super().__init__()
         if engine not in ("vllm", "hf"):
@@ -96,6 +109,8 @@ class RolloutCallback(pl.Callback):
         self.max_staleness = max_staleness
         self.queue = RolloutQueue()
         self._restored_queue_state: dict[str, Any] | None = None
+        if log_level.upper() not in _LOG_LEVELS:
+            raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
         self.engine_kind = engine
         self.model_path = model_path
         self.dtype = dtype
@@ -107,6 +122,8 @@ class RolloutCallback(pl.Callback):
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
         self.seed = seed
+        self.vllm_options = {"startup_timeout_s": startup_timeout_s, "max_num_seqs": max_num_seqs,
+                             "llm_kwargs": engine_kwargs, "log_level": log_level}
         self.engine: RolloutEngine | None = None
         self.keep_engine_after_validate = False
         self._sync_plan = WeightSyncPlan()
@@ -158,6 +175,7 @@ class RolloutCallback(pl.Callback):
             enforce_eager=self.enforce_eager,
             weight_bucket_bytes=self.bucket_bytes,
             wait=False,
+            **self.vllm_options,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -35,7 +35,7 @@ _CUDA = re.compile(r"cuda:(\d+)")
 def choose_engine_device(
     requested: str, *, trainer_devices: int, visible_gpus: int, allow_shared: bool = False
 ) -> str:
-    """Resolve ``engine.device`` to ``"cpu"`` or ``"cuda:N"`` (N counts the visible GPUs).
+    """Resolve ``rollout.device`` to ``"cpu"`` or ``"cuda:N"`` (N counts the visible GPUs).
 
     Args:
         requested: ``"auto"``, ``"cpu"`` or ``"cuda:N"``.
@@ -56,14 +56,14 @@ def choose_engine_device(
         if allow_shared:
             return "cuda:0"
         raise ValueError(
-            f"engine.device='auto' needs a GPU the trainer does not use, but trainer.devices="
-            f"{trainer_devices} uses all {visible_gpus} visible GPUs; set trainer.devices="
+            f"`rollout.device`='auto' needs a GPU the trainer does not use, but `trainer.devices`="
+            f"{trainer_devices} uses all {visible_gpus} visible GPUs; set `trainer.devices`="
             f"{visible_gpus - 1} to leave cuda:{visible_gpus - 1} to the engine, or set "
-            "engine.allow_shared=true to run the engine beside a trainer rank."
+            "`rollout.allow_shared_device`=true to run the engine beside a trainer rank."
         )
     match = _CUDA.fullmatch(requested)
     if match is None:
-        raise ValueError(f"engine.device={requested!r} must be 'auto', 'cpu' or 'cuda:N'.")
+        raise ValueError(f"`rollout.device`={requested!r} must be 'auto', 'cpu' or 'cuda:N'.")
     index = int(match.group(1))
     if index >= visible_gpus:
         fix = (
@@ -72,14 +72,14 @@ def choose_engine_device(
             else "use 'cpu' or 'auto'"
         )
         raise ValueError(
-            f"engine.device={requested!r} but {visible_gpus} GPU(s) are visible; {fix}."
+            f"`rollout.device`={requested!r} but {visible_gpus} GPU(s) are visible; {fix}."
         )
     if index < trainer_devices and not allow_shared:
         raise ValueError(
-            f"engine.device={requested!r} is one of the trainer's GPUs (trainer.devices="
+            f"`rollout.device`={requested!r} is one of the trainer's GPUs (`trainer.devices`="
             f"{trainer_devices} uses cuda:0..cuda:{trainer_devices - 1}); pick "
-            f"cuda:{trainer_devices} or higher, lower trainer.devices, or set "
-            "engine.allow_shared=true."
+            f"cuda:{trainer_devices} or higher, lower `trainer.devices`, or set "
+            "`rollout.allow_shared_device`=true."
         )
     return requested
 

@@ -31,8 +31,10 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -78,6 +80,9 @@ class VLLMEngine:
         llm_kwargs: extra ``vllm.LLM`` arguments (e.g. ``{"max_num_batched_tokens": 8192}``).
         wait: block until the engine is ready; False returns at once and the first operation
             (or ``wait_ready()``) waits, so the caller can work while the engine loads.
+        log_level: vLLM's log level in the engine process (``VLLM_LOGGING_LEVEL``); MAYE's
+            launcher runs vLLM at WARNING too. ``"info"`` brings back its config dump and
+            per-step INFO lines.
     """
 
     def __init__(
@@ -99,11 +104,12 @@ class VLLMEngine:
         startup_timeout_s: float = 900.0,
         llm_kwargs: dict[str, Any] | None = None,
         wait: bool = True,
+        log_level: str = "warning",
     ) -> None:
         if weight_bucket_bytes < 1:
             raise ValueError(
-                f"engine.weight_bucket_bytes={weight_bucket_bytes} must be positive; "
-                "the default is 256 MiB."
+                f"weight_bucket_bytes={weight_bucket_bytes} must be positive (`rollout.bucket_mb` "
+                "in the config); the default is 256 MiB."
             )
         self.device = choose_engine_device(
             device,
@@ -132,10 +138,11 @@ class VLLMEngine:
             # chunking every prompt is prefilled in one step.
             **({"enable_chunked_prefill": False} if self.device == "cpu" else {}),
             **({"kv_cache_memory_bytes": kv_cache_memory_bytes} if kv_cache_memory_bytes else {}),
+            # The loading bar is three lines of a one-off start; the engine start is logged once below.
+            "use_tqdm_on_load": False,
             **(llm_kwargs or {}),
         }
-        env = engine_environment(self.device)
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core inside the host (see top)
+        env = host_environment(self.device, log_level)
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -175,8 +182,8 @@ class VLLMEngine:
             if _START_REQUEST_ID not in self._replies and not self._conn.poll(max(remaining, 0.0)):
                 raise VLLMEngineError(
                     f"vLLM engine for {self.model_path} not ready after "
-                    f"startup_timeout_s={self.startup_timeout_s}; raise the start-up timeout or "
-                    "check the engine log above."
+                    f"startup_timeout_s={self.startup_timeout_s}; raise `rollout.startup_timeout_s` "
+                    "or check the engine log above (`rollout.log_level=info` shows vLLM's start)."
                 )
             self._wait(_START_REQUEST_ID, "start")
         except BaseException:
@@ -321,6 +328,15 @@ class VLLMEngine:
         )
 
 
+def host_environment(device: str, log_level: str = "warning") -> dict[str, str]:
+    """The engine host's environment: placement's for ``device``, vLLM's engine core in the host
+    (see top), and vLLM's log level (``VLLM_LOGGING_LEVEL``, read when the host imports vllm)."""
+    env = engine_environment(device)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env["VLLM_LOGGING_LEVEL"] = log_level.upper()
+    return env
+
+
 class VLLMHandle:
     """A generation queued in a ``VLLMEngine``: ``result()`` waits for its rollouts."""
 
@@ -393,6 +409,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _start_llm(engine_args: dict[str, Any]):
     import maye_pl  # noqa: F401  (torchvision shim before vLLM imports transformers' processors)
     import vllm.model_executor.models.registry as registry
+    from tqdm import tqdm
     from vllm import LLM
 
     # vLLM inspects the model class in a fresh interpreter; give it the shim too. vLLM documents
@@ -405,17 +422,36 @@ def _start_llm(engine_args: dict[str, Any]):
     # With the engine core in this process, vLLM's CPU worker swaps torch.set_num_threads for a
     # stub that warns on every call, and vLLM's renderer calls it around every image request: one
     # warning per prompt (hundreds per step). The stub's skip is harmless; drop its message.
-    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-        lambda record: "torch.set_num_threads" not in record.getMessage()
-    )
+    _drop_log_messages("vllm.v1.worker.cpu_worker", "torch.set_num_threads")
     # A weight update sends only what the trainer changes: the frozen ViT/connector go once, and
     # rotary caches are in no checkpoint. vLLM's layerwise reload keeps each such layer's weights,
     # as intended, but warns "Failed to load weights" per layer per update (about 20 lines per
     # step); the worker's finish_update reports what was kept instead (debug log).
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-        lambda record: "Failed to load weights" not in record.getMessage()
-    )
+    _drop_log_messages("vllm.model_executor.model_loader.reload.layerwise", "Failed to load weights")
+    # Warnings about settings this engine makes on purpose (see VLLMEngine and the module
+    # docstring): the in-process engine core (it shares the host's seed, and the host runs
+    # nothing else), chunked prefill off on CPU, eager mode; and a Mamba-only cache setting.
+    _drop_log_messages("vllm.engine.arg_utils", "The global random seed is set",
+                       "does not officially support disabling chunked prefill")
+    _drop_log_messages("vllm.config.vllm", "Enforce eager set", "Inductor compilation was disabled")
+    _drop_log_messages("vllm.platforms.cpu", "Reset SSM cache type")
+    # vLLM's kernel dispatcher probes every torch.distributed attribute, including the deprecated
+    # alias `reduce_op`, which warns twice at each start; vLLM uses no such alias.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+                            category=FutureWarning, module=r"vllm\.triton_utils\.dispatcher")
+    # tqdm's default write lock is a multiprocessing RLock: a named semaphore registered with the
+    # trainer's resource tracker (this process is spawned from the trainer). The host ends with
+    # os._exit, which skips the semaphore's unlink, and the tracker then reported "1 leaked
+    # semaphore" at exit. Only this process writes its bars, so a thread lock serves.
+    tqdm.set_lock(threading.RLock())
     return LLM(**engine_args)
+
+
+def _drop_log_messages(logger_name: str, *fragments: str) -> None:
+    """Drop the records of one logger whose message contains any of ``fragments``."""
+    logging.getLogger(logger_name).addFilter(
+        lambda record: not any(fragment in record.getMessage() for fragment in fragments)
+    )
 
 
 def _sampling_params(

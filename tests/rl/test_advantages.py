@@ -185,9 +185,9 @@ def test_bad_group_size_raises(group_size):
     scores = torch.zeros(4)
     lp = torch.zeros(4, 2)
     mask = torch.ones(4, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match=rf"group_size={group_size} \(rollout.n"):
+    with pytest.raises(ValueError, match=rf"group_size={group_size} \(samples per prompt\)"):
         grpo_advantages(scores, mask, group_size=group_size)
-    with pytest.raises(ValueError, match="rollout.n"):
+    with pytest.raises(ValueError, match="Pass group_size >= 2"):
         reinforce_pp_baseline_advantages(
             scores, lp, lp, mask, group_size=group_size, kl_coef=0.0, gamma=1.0
         )

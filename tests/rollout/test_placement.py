@@ -38,19 +38,19 @@ def test_decision_table(requested, trainer_devices, visible_gpus, allow_shared, 
             "auto",
             8,
             8,
-            r"trainer.devices=8 uses all 8 visible GPUs; set trainer.devices=7 .* "
-            r"engine.allow_shared=true",
+            r"`trainer.devices`=8 uses all 8 visible GPUs; set `trainer.devices`=7 .* "
+            r"`rollout.allow_shared_device`=true",
         ),
         (
             "cuda:3",
             7,
             8,
-            r"engine.device='cuda:3' is one of the trainer's GPUs "
-            r"\(trainer.devices=7 uses cuda:0..cuda:6\)",
+            r"`rollout.device`='cuda:3' is one of the trainer's GPUs "
+            r"\(`trainer.devices`=7 uses cuda:0..cuda:6\)",
         ),
-        ("cuda:8", 7, 8, r"engine.device='cuda:8' but 8 GPU\(s\) are visible; pick cuda:0..cuda:7"),
-        ("cuda:0", 1, 0, r"engine.device='cuda:0' but 0 GPU\(s\) are visible; use 'cpu' or 'auto'"),
-        ("gpu", 1, 8, r"engine.device='gpu' must be 'auto', 'cpu' or 'cuda:N'"),
+        ("cuda:8", 7, 8, r"`rollout.device`='cuda:8' but 8 GPU\(s\) are visible; pick cuda:0..cuda:7"),
+        ("cuda:0", 1, 0, r"`rollout.device`='cuda:0' but 0 GPU\(s\) are visible; use 'cpu' or 'auto'"),
+        ("gpu", 1, 8, r"`rollout.device`='gpu' must be 'auto', 'cpu' or 'cuda:N'"),
     ],
 )
 def test_errors_name_the_setting_the_values_and_the_fix(

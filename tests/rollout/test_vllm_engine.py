@@ -83,8 +83,10 @@ def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rol
         rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>",
         rollout_requests[0].images * 2,
     )
-    with pytest.raises(VLLMEngineError, match="vLLM engine failed in generate"):
+    with pytest.raises(VLLMEngineError, match="vLLM engine failed in generate") as error:
         vllm_engine.generate([two_images], SamplingConfig(max_tokens=2))
+    # The engine's own traceback reaches the user in full, whatever vLLM's log level.
+    assert "Traceback (most recent call last)" in str(error.value)
     assert (
         len(vllm_engine.generate(rollout_requests[:1], SamplingConfig(max_tokens=2, seed=0))) == 1
     )
