@@ -102,7 +102,7 @@ def math_judge_batch(
         if isinstance(verdict, tuple):
             remote.append((index, verdict))
     if remote:
-        answers = _judge_remotely([pair for _, pair in remote], timeout)
+        answers = verify_in_worker([pair for _, pair in remote], timeout)
         for (index, _), answer in zip(remote, answers):
             results[index] = answer
     return results
@@ -157,8 +157,10 @@ def _naive_braces_balanced(text: str) -> bool:
 # --- Step 6: the worker ---------------------------------------------------------------------
 
 
-def _judge_remotely(pairs: list[tuple[str, str]], timeout: float) -> list[bool]:
-    """math-verify's verdict on each (golden, predicted) pair; False past ``timeout`` each."""
+def verify_in_worker(pairs: list[tuple[str, ...]], timeout: float) -> list[bool]:
+    """math-verify's verdict on each pair in the worker (protocol in ``_judge_worker.py``); False past
+    ``timeout`` seconds each. ``(golden, predicted)``: extracted answers; ``(first, second, "sentences")``:
+    texts parsed as they are, ``verify(parse(first), parse(second))``."""
     if not timeout > 0:  # also NaN: no time to judge, and no worker to kill for it
         return [False] * len(pairs)
     timeout = min(timeout, _LONGEST_TIMEOUT_S)
