@@ -23,8 +23,10 @@ The paper's accuracy numbers came from this judge, so the paper configs use it (
         the end, and the digits are equal as strings (``\\boxed{5^2}`` == ``\\boxed{5^{\\circ}}``).
 
 Quirks kept on purpose (they are MAYE's decision): a sentence split inside the box (``\\boxed{A. 5}``),
-``5^2`` credited against 5, a 50 credited against 0.5 (scorer b), and two texts without any "boxed"
-sentence are equal (``""`` == ``""``; MAYE's solutions all carry a box). Never raises; a pair
+``5^2`` credited against 5 (rule c), a bare-number piece credited at x100 or /100 (``x, 0.5`` against
+``x, 50``, rule b), and two texts without any "boxed" sentence are equal (``""`` == ``""``; MAYE's
+solutions all carry a box). Checked against MAYE's own code (with TexSoup, sympy 1.14, math-verify
+0.9) on the case table of tests/rewards/test_maye_judge.py. Never raises; a pair
 math-verify cannot settle within ``timeout`` seconds is decided by b and c alone.
 """
 
