@@ -70,7 +70,7 @@ class RolloutCallback(pl.Callback):
             max_model_len: Longest prompt+response the engine accepts.
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
-            seed: Base sampling seed; training call s uses ``seed + s``.
+            seed: Base sampling seed; each sample's stream derives from (seed, generation step, request, sample).
         """
         super().__init__()
         if engine not in ("vllm", "hf"):
@@ -148,7 +148,7 @@ class RolloutCallback(pl.Callback):
         if pl_module.sampling is None:
             return
         self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
-        seeded = SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed + pl_module.generation_step})
+        seeded = SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed, "step": pl_module.generation_step})
         start = time.perf_counter()
         pl_module.rollouts = self._generate(pl_module.requests(batch), seeded)
         seconds = time.perf_counter() - start
