@@ -13,6 +13,7 @@ import torch
 
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.module import ReinforcePP
+from maye_pl.rewards import RewardTerm
 from maye_pl.rollout.base import Rollout, SamplingConfig
 
 
@@ -21,6 +22,8 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         ReinforcePP(
             str(tiny_model_dir), ppo_batch_size=6, gradient_accumulation_steps=4,
             advantage_estimator="grpo", sampling=SamplingConfig(n=1), loss_agg="sum", ppo_epochs=0,
+            adam_eps=0.0, warmup_steps=5, warmup_ratio=0.1, judge="maye",
+            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")],
         )
     message = str(info.value)
     for expected in (
@@ -28,6 +31,9 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         "`model.sampling.n`=1",
         "`model.loss_agg`='sum'",
         "`model.ppo_epochs`=0",
+        "`model.adam_eps`=0.0 must be positive",
+        "`model.warmup_steps`=5 and `model.warmup_ratio`=0.1 are both set",
+        "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward' judges with another judge than `model.judge`='maye'",
     ):
         assert expected in message
 
