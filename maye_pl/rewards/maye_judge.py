@@ -32,13 +32,10 @@ math-verify cannot settle within ``timeout`` seconds is decided by b and c alone
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 
-from maye_pl.rewards.judge import verify_in_worker
-
-log = logging.getLogger(__name__)
+from maye_pl.rewards.judge import judge_pairs
 
 _SENTENCE_END = re.compile(r"(?<!\d)[.!?](?!\d)")
 # MAYE's clean-ups; the order matters ("\textcirc" runs before "\textcircles" and eats its prefix).
@@ -141,31 +138,7 @@ def maye_judge_batch(predictions: Sequence[str], solutions: Sequence[str], timeo
     Raises:
         ValueError: when ``predictions`` and ``solutions`` differ in length.
     """
-    if len(predictions) != len(solutions):
-        raise ValueError(
-            f"maye_judge_batch: got {len(predictions)} predictions and {len(solutions)} solutions; "
-            "they pair up one to one, so pass lists of equal length."
-        )
-    results: list[bool] = []
-    open_pairs: list[tuple[int, tuple[str, str, str]]] = []
-    for index, (prediction, solution) in enumerate(zip(predictions, solutions)):
-        try:
-            verdict = _judge_without_math_verify(prediction, solution)
-        except Exception:  # noqa: BLE001 - the contract: a reward never crashes a training step
-            log.exception("maye_judge failed on pair %d; judged False", index)
-            verdict = False
-        results.append(verdict is True)
-        if isinstance(verdict, tuple):
-            open_pairs.append((index, verdict))
-    if open_pairs:
-        try:
-            answers = verify_in_worker([pair for _, pair in open_pairs], timeout)
-        except Exception:  # noqa: BLE001 - as above
-            log.exception("maye_judge: math-verify failed; %d pairs judged by the rules alone", len(open_pairs))
-            answers = [False] * len(open_pairs)
-        for (index, _), answer in zip(open_pairs, answers):
-            results[index] = answer
-    return results
+    return judge_pairs("maye_judge_batch", predictions, solutions, _judge_without_math_verify, timeout)
 
 
 def _judge_without_math_verify(prediction: str, solution: str) -> bool | tuple[str, str, str]:
