@@ -61,15 +61,17 @@ def judge_responses(judge: Judge, responses: list[str], samples: list[dict]) -> 
 
 
 def judge_problems(judge: str, rewards: list | None) -> list[str]:
-    """Config problems of ``model.judge`` with ``model.rewards``: an unknown judge, or an accuracy
-    reward of the other judge (training and evaluation would then disagree on what is correct)."""
+    """Config problems of ``model.judge`` with ``model.rewards`` (``RewardTerm``s, or their dicts as
+    the CLI saves them in ``hparams``): an unknown judge, or an accuracy reward of the other judge
+    (training and evaluation would then disagree on what is correct)."""
     if judge not in ACCURACY_REWARDS:
         return [f"`model.judge`={judge!r} is unknown; choose one of {sorted(ACCURACY_REWARDS)}."]
+    paths = [term["fn"] if isinstance(term, dict) else term.fn for term in rewards or []]
     return [
-        f"`model.rewards[{index}].fn`={term.fn!r} judges with another judge than `model.judge`={judge!r}; "
+        f"`model.rewards[{index}].fn`={fn!r} judges with another judge than `model.judge`={judge!r}; "
         f"use {ACCURACY_REWARDS[judge]!r} (or set `model.judge` to match)."
-        for index, term in enumerate(rewards or [])
-        if term.fn in ACCURACY_REWARDS.values() and term.fn != ACCURACY_REWARDS[judge]
+        for index, fn in enumerate(paths)
+        if fn in ACCURACY_REWARDS.values() and fn != ACCURACY_REWARDS[judge]
     ]
 
 

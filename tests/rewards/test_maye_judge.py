@@ -133,6 +133,8 @@ def test_mismatched_accuracy_reward_is_a_config_error():
     (problem,) = judge_problems("maye", terms)
     assert "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward'" in problem and "`model.judge`='maye'" in problem
     assert judge_problems("math_verify", terms) == []
+    # As the CLI hands them over (hparams hold the terms as dicts).
+    assert judge_problems("maye", [{"fn": "maye_pl.rewards.accuracy_reward", "weight": 1.0, "name": None}]) == [problem]
     assert "`model.judge`='sympy' is unknown" in judge_problems("sympy", terms)[0]
 
 
