@@ -4,7 +4,8 @@ Each paper config is resolved with ``--print_config`` (in process, through MayeC
 MAYE's run sets is compared with the table below, copied by hand from MAYE's launcher
 (``scripts/train_ppo_vllm_distributed.sh``: its ``NAME=value`` lines), its recipe YAML
 (``recipes/configs/full_ppo_vllm_distributed.yaml``, for what the script does not override) and
-its recipe (``recipes/full_ppo_vllm_distributed.py``, for behaviour without a knob).
+its recipe (``recipes/full_ppo_vllm_distributed.py``, for behaviour without a knob). The module
+then accepts those values together (built on the tiny model instead of the 7B checkpoint).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import pytest
 import yaml
 
 from maye_pl.cli import MayeCLI
+from maye_pl.module import ReinforcePP
+from maye_pl.rewards import RewardTerm
+from maye_pl.rollout.base import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +101,14 @@ def test_paper_config_resolves_to_maye_values(config, capsys):
     data = resolved["data"]
     assert (data["train_path"], data["val_path"], data["test_path"]) == tuple(
         f"datasets/{folder}/{name}.jsonl" for name in (train, val, test))
+
+
+@pytest.mark.parametrize("config", sorted(DATA_FILES))
+def test_paper_model_arguments_pass_validation(config, capsys, tiny_model_dir):
+    """The module accepts the paper values together (its validation collects every problem)."""
+    init_args = _resolved(config, capsys)["model"]["init_args"]
+    module = ReinforcePP(**{
+        **init_args, "model_path": str(tiny_model_dir), "sampling": SamplingConfig(**init_args["sampling"]),
+        "rewards": [RewardTerm(**term) for term in init_args["rewards"]],
+    })
+    assert [name for name, _, _ in module.rewards] == ["accuracy", "format", "language"]
