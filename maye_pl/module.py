@@ -13,8 +13,7 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
 from __future__ import annotations
 
 import time
-from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -36,8 +35,8 @@ from maye_pl.evaluation.step_metrics import (
 )
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
-from maye_pl.optim import tokens_per_rank, warmup_cosine
-from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
+from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
+from maye_pl.rewards import Judge, RewardTerm, default_rewards, judge_problems, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
@@ -79,9 +78,14 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         lr: float = 5e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
+        adam_eps: float = 1e-8,
+        warmup_steps: int | None = None,
+        warmup_ratio: float | None = None,
         min_lr_ratio: float = 0.0,
         max_grad_norm: float | None = 1.0,
+        judge: Judge = "math_verify",
+        reflection_match: Literal["word", "substring"] = "word",
+        maye_position_ids: bool = False,
     ) -> None:
         """
         Args:
@@ -123,9 +127,14 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             lr: AdamW peak learning rate.
             weight_decay: AdamW weight decay.
             adam_betas: AdamW betas.
-            warmup_steps: Linear warmup in optimizer steps, then cosine decay.
+            adam_eps: AdamW epsilon (MAYE: 1e-5, as large as a 7B model's clipped per-weight gradients).
+            warmup_steps: Linear warmup in optimizer steps, then cosine decay; None = no warmup.
+            warmup_ratio: Warmup as a fraction of all optimizer steps (MAYE: 0.1); excludes ``warmup_steps``.
             min_lr_ratio: Cosine floor as a fraction of ``lr``.
             max_grad_norm: Clip the total gradient norm (over all shards); None = no clipping.
+            judge: Judge of accuracy reward and evaluation: "math_verify" (last box vs ``answer``) or "maye".
+            reflection_match: Reflection words as whole "word"s or MAYE's lower-cased "substring"s.
+            maye_position_ids: Score with MAYE's 1-D positions (image tokens lose M-RoPE, unlike in vLLM).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -135,7 +144,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         self.sampling = sampling
         self.eval_max_tokens = sampling.max_tokens
         self.eval_settings = eval_settings if eval_settings is not None else PAPER_EVAL_SETTINGS()
-        self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards())
+        self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards(judge))
         self.processor = load_processor(model_path)
         self.stop_token_ids = stop_token_ids(GenerationConfig.from_pretrained(model_path), self.processor.tokenizer)
         # The engines never sample these (a sampled <|image_pad|> would break the forward).
@@ -177,6 +186,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
             if hp[name] < 1:
                 problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
+        problems += optimizer_problems(hp) + judge_problems(hp.judge, hp.rewards)
         if problems:
             raise ValueError("Invalid ReinforcePP configuration:\n  " + "\n  ".join(problems))
 
@@ -209,12 +219,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
                 )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
-        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=max(1, self.total_gradient_steps()),
-                           min_lr_ratio=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = build_adamw(trainable, self.hparams, self.total_gradient_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def total_gradient_steps(self) -> int:
@@ -308,7 +314,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         return response_logprobs(
             model, inputs, temperature=self.sampling.temperature,
             forward_batch_size=self.hparams.forward_batch_size, return_entropy=return_entropy,
-            banned_token_ids=self.banned_token_ids,
+            banned_token_ids=self.banned_token_ids, maye_position_ids=self.hparams.maye_position_ids,
         )
 
     def corrects_off_policy(self, trajectory: Trajectory) -> bool:
@@ -389,11 +395,13 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         """What MAYE logs per generation step (rewards by component, KL, lengths, reflection, engine
         mismatch), reduced over all ranks in two collectives, plus the progress-bar values."""
         accuracy = trajectory.reward_components.get("accuracy")
-        self.log_dict(rollout_step_metrics(rollouts, trajectory, self.process_group()), batch_size=trajectory.num_rows)
+        metrics = rollout_step_metrics(rollouts, trajectory, self.hparams.reflection_match, self.process_group())
+        self.log_dict(metrics, batch_size=trajectory.num_rows)
         if accuracy is not None:
             self.log("reward/accuracy", accuracy.float().mean().to(self.device), on_step=True, on_epoch=True,
                      sync_dist=True, prog_bar=True, batch_size=trajectory.num_rows)
-            log_reflective_sample(self.loggers, [r.text for r in rollouts], accuracy, self.generation_step, self.global_step)
+            log_reflective_sample(self.loggers, [r.text for r in rollouts], accuracy, self.hparams.reflection_match,
+                                  self.generation_step, self.global_step)
         self.log("reward", trajectory.scores.mean(), prog_bar=True, logger=False, batch_size=trajectory.num_rows)
 
     # ------------------------------------------------------------------ helpers

@@ -1,17 +1,82 @@
-"""Optimization helpers shared by ReinforcePP and the SFT baseline: the LR schedule, the loss denominator.
+"""Optimization helpers shared by ReinforcePP and the SFT baseline: AdamW + LR schedule, the loss denominator.
 
 Both modules step the optimizer themselves (manual optimization), so these are plain functions:
-the schedule is a ``LambdaLR`` factor per optimizer step, the denominator is what makes a
-data-parallel token mean equal the token mean of one big batch.
+``build_adamw`` makes the AdamW optimizer and its warmup + cosine ``LambdaLR`` from the modules'
+``OPTIMIZER_ARGS`` (``optimizer_problems`` checks them), the schedule is a ``LambdaLR`` factor per
+optimizer step, the denominator is what makes a data-parallel token mean equal the token mean of
+one big batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+OPTIMIZER_ARGS = ("lr", "weight_decay", "adam_betas", "adam_eps", "warmup_steps", "warmup_ratio", "min_lr_ratio")
+"""The module arguments (``model.<name>``) that ``build_adamw`` and ``optimizer_problems`` read."""
+
+
+def optimizer_problems(hparams: Mapping[str, Any]) -> list[str]:
+    """Every problem with the ``OPTIMIZER_ARGS`` in ``hparams``, each naming its ``model.`` key and the fix."""
+    problems = []
+    if not hparams["lr"] > 0:
+        problems.append(f"`model.lr`={hparams['lr']} must be positive.")
+    if hparams["weight_decay"] < 0:
+        problems.append(f"`model.weight_decay`={hparams['weight_decay']} must be >= 0.")
+    if len(hparams["adam_betas"]) != 2 or not all(0 <= beta < 1 for beta in hparams["adam_betas"]):
+        problems.append(f"`model.adam_betas`={list(hparams['adam_betas'])} must be two numbers in [0, 1).")
+    if not hparams["adam_eps"] > 0:
+        problems.append(f"`model.adam_eps`={hparams['adam_eps']} must be positive (AdamW divides by sqrt(v) + eps).")
+    warmup_steps, warmup_ratio = hparams["warmup_steps"], hparams["warmup_ratio"]
+    if warmup_steps is not None and warmup_ratio is not None:
+        problems.append(
+            f"`model.warmup_steps`={warmup_steps} and `model.warmup_ratio`={warmup_ratio} are both set; they "
+            "say the same thing two ways: set one and the other to null (e.g. `--model.warmup_ratio null`)."
+        )
+    if warmup_steps is not None and warmup_steps < 0:
+        problems.append(f"`model.warmup_steps`={warmup_steps} must be >= 0; use null for no warmup.")
+    if warmup_ratio is not None and not 0 <= warmup_ratio < 1:
+        problems.append(f"`model.warmup_ratio`={warmup_ratio} must lie in [0, 1) (a fraction of all optimizer steps).")
+    if not 0.0 <= hparams["min_lr_ratio"] <= 1.0:
+        problems.append(f"`model.min_lr_ratio`={hparams['min_lr_ratio']} must lie in [0, 1].")
+    return problems
+
+
+def warmup_length(warmup_steps: int | None, warmup_ratio: float | None, total_steps: int) -> int:
+    """Warmup in optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of ``total_steps`` rounded up.
+
+    Rounded up as MAYE counts it (its schedule warms up while ``step < 0.1 * total``); the product
+    is rounded to 9 decimals first so that 0.1 * 3200 is 320 steps, not 321.
+    """
+    if warmup_ratio is not None:
+        return math.ceil(round(warmup_ratio * total_steps, 9))
+    return warmup_steps or 0
+
+
+def build_adamw(
+    parameters: Iterable[torch.nn.Parameter], hparams: Mapping[str, Any], total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``parameters`` and its per-optimizer-step warmup + cosine schedule.
+
+    Args:
+        parameters: the trainable parameters.
+        hparams: the module's hyperparameters, read at ``OPTIMIZER_ARGS``.
+        total_steps: optimizer steps in the whole run (the cosine ends there; the warmup ratio's base).
+    """
+    optimizer = torch.optim.AdamW(
+        parameters, lr=hparams["lr"], betas=tuple(hparams["adam_betas"]), eps=hparams["adam_eps"],
+        weight_decay=hparams["weight_decay"],
+    )
+    total_steps = max(1, total_steps)
+    warmup = warmup_length(hparams["warmup_steps"], hparams["warmup_ratio"], total_steps)
+    schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=hparams["min_lr_ratio"])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -19,7 +19,6 @@ no training rollouts and syncs the weights lazily before each validation.
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +30,8 @@ from maye_pl.evaluation import PAPER_EVAL_SETTINGS, EvalSetting
 from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
-from maye_pl.optim import tokens_per_rank, warmup_cosine
+from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
+from maye_pl.rewards import Judge, judge_problems
 from maye_pl.rollout.base import Rollout
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 
@@ -75,10 +75,14 @@ class SFT(PaperEvaluation, pl.LightningModule):
         validate_before_fit: bool = True,
         lr: float = 1e-5,
         weight_decay: float = 0.0,
-        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        warmup_steps: int | None = None,
+        warmup_ratio: float | None = None,
         min_lr_ratio: float = 0.0,
         max_grad_norm: float | None = 1.0,
         forward_batch_size: int = 16,
+        judge: Judge = "math_verify",
     ) -> None:
         """
         Args:
@@ -95,11 +99,16 @@ class SFT(PaperEvaluation, pl.LightningModule):
             validate_before_fit: Run validation once before training ("Vanilla", epoch 0).
             lr: AdamW peak learning rate (the paper's SFT uses 1e-5).
             weight_decay: AdamW weight decay.
-            warmup_steps: Linear warmup in optimizer steps (one per batch), then cosine decay.
+            adam_betas: AdamW betas.
+            adam_eps: AdamW epsilon.
+            warmup_steps: Linear warmup in optimizer steps (one per batch), then cosine decay; None = none.
+            warmup_ratio: Warmup as a fraction of all optimizer steps; excludes ``warmup_steps``.
             min_lr_ratio: Cosine floor as a fraction of ``lr``.
             max_grad_norm: Clip the total gradient norm (over all shards); None = no clipping.
             forward_batch_size: Rows per forward + backward pass; a batch is split into
                 micro-batches of this size to bound activation memory (the loss is unchanged).
+            judge: Evaluation's answer judge: "math_verify" (last box vs ``answer``) or "maye" (MAYE's
+                judge vs ``solution``); compare SFT and RL runs under the same judge.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -126,12 +135,7 @@ class SFT(PaperEvaluation, pl.LightningModule):
         for name in ("forward_batch_size", "eval_max_tokens"):
             if hp[name] < 1:
                 problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
-        if hp.lr <= 0:
-            problems.append(f"`model.lr`={hp.lr} must be positive.")
-        if hp.warmup_steps < 0:
-            problems.append(f"`model.warmup_steps`={hp.warmup_steps} must be >= 0; use 0 for no warmup.")
-        if not 0.0 <= hp.min_lr_ratio <= 1.0:
-            problems.append(f"`model.min_lr_ratio`={hp.min_lr_ratio} must lie in [0, 1].")
+        problems += optimizer_problems(hp) + judge_problems(hp.judge, None)
         if hp.max_grad_norm is not None and hp.max_grad_norm <= 0:
             problems.append(f"`model.max_grad_norm`={hp.max_grad_norm} must be positive; use null for no clipping.")
         if problems:
@@ -152,14 +156,9 @@ class SFT(PaperEvaluation, pl.LightningModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)
         # One optimizer step per batch, so the trainer's estimate (max_steps included) is the run length.
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps,
-                           min_lr_ratio=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = build_adamw(trainable, self.hparams, int(self.trainer.estimated_stepping_batches))
         # Returned for Lightning to checkpoint; optimizer_step steps it once per optimizer step.
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 

@@ -14,6 +14,7 @@ import torch
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation.step_metrics import log_reflective_sample
 from maye_pl.module import ReinforcePP
+from maye_pl.rewards import RewardTerm
 from maye_pl.rollout.base import Rollout, SamplingConfig
 
 
@@ -22,6 +23,8 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         ReinforcePP(
             str(tiny_model_dir), ppo_batch_size=6, gradient_accumulation_steps=4,
             advantage_estimator="grpo", sampling=SamplingConfig(n=1), loss_agg="sum", ppo_epochs=0,
+            adam_eps=0.0, warmup_steps=5, warmup_ratio=0.1, judge="maye",
+            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")],
         )
     message = str(info.value)
     for expected in (
@@ -29,6 +32,9 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         "`model.sampling.n`=1",
         "`model.loss_agg`='sum'",
         "`model.ppo_epochs`=0",
+        "`model.adam_eps`=0.0 must be positive",
+        "`model.warmup_steps`=5 and `model.warmup_ratio`=0.1 are both set",
+        "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward' judges with another judge than `model.judge`='maye'",
     ):
         assert expected in message
 
@@ -90,7 +96,7 @@ def test_a_correct_reflective_response_is_logged_as_text(tmp_path):
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     texts = ["wait, no box", "Wait, let me verify: \\boxed{5}", "plain \\boxed{5}"]
-    log_reflective_sample([logger], texts, torch.tensor([0.0, 1.0, 1.0]), generation_step=1, global_step=4)  # only the 2nd is both
+    log_reflective_sample([logger], texts, torch.tensor([0.0, 1.0, 1.0]), "word", generation_step=1, global_step=4)  # only the 2nd is both
     logger.experiment.flush()
 
     events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})

@@ -7,6 +7,7 @@ per rank over two gloo ranks, so sum/denominator averaged over ranks is the glob
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from maye_pl.optim import tokens_per_rank, warmup_cosine
+from maye_pl.optim import build_adamw, tokens_per_rank, warmup_cosine, warmup_length
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -25,6 +26,25 @@ def test_warmup_then_cosine_to_the_floor():
     assert factors[14] == pytest.approx(0.1) and factors[15] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))  # never rises after warmup
     assert warmup_cosine(0, 0, 10, 0.0) == 1.0  # no warmup: the first step at the peak
+
+
+def test_warmup_ratio_counts_steps_as_maye_and_adamw_takes_every_setting():
+    # MAYE warms up while step < 0.1 * total: 320 steps of 3200 (not 321 from 0.1 * 3200's
+    # rounding), and ceil(2.5) = 3 steps of 25 (steps 0, 1, 2 < 2.5).
+    assert warmup_length(None, 0.1, 3200) == 320 and warmup_length(None, 0.1, 25) == 3
+    assert warmup_length(7, None, 3200) == 7 and warmup_length(None, None, 3200) == 0
+    hparams = {"lr": 5e-6, "weight_decay": 0.01, "adam_betas": [0.9, 0.95], "adam_eps": 1e-5,
+               "warmup_steps": None, "warmup_ratio": 0.1, "min_lr_ratio": 0.0}
+    optimizer, scheduler = build_adamw([torch.nn.Parameter(torch.zeros(2))], hparams, total_steps=40)
+    group = optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-5, 0.01)
+    lrs = []
+    for _ in range(6):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    # 4 warmup steps of 40: 1/4 .. 4/4 of 5e-6, then the cosine starts at the peak.
+    assert lrs == pytest.approx([1.25e-6, 2.5e-6, 3.75e-6, 5e-6, 5e-6, 5e-6 * 0.5 * (1 + math.cos(math.pi / 36))])
 
 
 def test_tokens_per_rank_in_one_process_is_the_local_count():

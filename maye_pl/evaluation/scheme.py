@@ -18,20 +18,22 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 
 from maye_pl.evaluation.passk import EvalSetting, metric_name, pass_at_k
-from maye_pl.rewards import math_judge_batch
+from maye_pl.rewards import Judge, judge_responses
 from maye_pl.rollout.base import Rollout, RolloutRequest
 
 
 def prediction_rows(
-    batch: list[dict], split: str, eval_rollouts: dict[str, list[Rollout]], settings: list[EvalSetting]
+    batch: list[dict], split: str, eval_rollouts: dict[str, list[Rollout]], settings: list[EvalSetting],
+    judge: Judge = "math_verify",
 ) -> dict[tuple[str, str], list[dict]]:
     """Judge one eval batch: B prediction rows per (split, setting name).
 
     Args:
-        batch: B samples (each with "id", "question", "answer").
+        batch: B samples (each with "id", "question", "answer", and "solution" for the "maye" judge).
         split: "val" or "test".
         eval_rollouts: setting name → B*k rollouts, request-major.
         settings: the eval settings.
+        judge: the answer judge (``maye_pl.rewards.Judge``).
 
     Returns:
         (split, setting name) → B rows {"id", "question", "answer", "predictions": k texts,
@@ -41,7 +43,7 @@ def prediction_rows(
     for setting in settings:
         k = setting.k
         texts = [rollout.text for rollout in eval_rollouts[setting.name]]  # (B*k,)
-        correct = math_judge_batch(texts, [sample["answer"] for sample in batch for _ in range(k)])
+        correct = judge_responses(judge, texts, [sample for sample in batch for _ in range(k)])
         rows[(split, setting.name)] = [
             {"id": sample["id"], "question": sample["question"], "answer": sample["answer"],
              "predictions": texts[i * k : (i + 1) * k], "correct": correct[i * k : (i + 1) * k]}
@@ -69,7 +71,7 @@ class PaperEvaluation:
     """Mixin for a LightningModule with ``eval_settings``: validation/test steps of the paper's scheme.
 
     Reads ``eval_rollouts`` (written by RolloutCallback before each eval batch, from the prompts
-    that ``requests`` builds).
+    that ``requests`` builds), and the ``judge`` hyperparameter when the module has one.
     """
 
     eval_settings: list[EvalSetting]
@@ -94,7 +96,8 @@ class PaperEvaluation:
             )
         if not hasattr(self, "_eval_predictions"):
             self._eval_predictions = defaultdict(list)
-        for key, rows in prediction_rows(batch, split, eval_rollouts, self.eval_settings).items():
+        judge = self.hparams.get("judge", "math_verify")
+        for key, rows in prediction_rows(batch, split, eval_rollouts, self.eval_settings, judge).items():
             self._eval_predictions[key].extend(rows)
 
     def on_validation_epoch_end(self: pl.LightningModule) -> None:

@@ -9,6 +9,8 @@ counts), and the longest response is one MAX all-reduce.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -23,10 +25,14 @@ REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 
 
 def rollout_step_metrics(
-    rollouts: list[Rollout], trajectory: Trajectory, group: dist.ProcessGroup | None = None
+    rollouts: list[Rollout],
+    trajectory: Trajectory,
+    reflection_match: Literal["word", "substring"] = "word",
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Rewards by component, lengths, KL to the reference, staleness, engine/trainer mismatch and
-    MAYE's reflection ratios of one rollout batch, over all ranks of ``group`` (None: this process).
+    MAYE's reflection ratios (``reflection_counts``' ``match``) of one rollout batch, over all
+    ranks of ``group`` (None: this process).
 
     Needs ``trajectory.old_logprobs`` (after Step IV when it filled them in).
     """
@@ -51,7 +57,8 @@ def rollout_step_metrics(
             means[f"reward/{name}"] = values.float().mean()
     accuracy = trajectory.reward_components.get("accuracy")
     counts = (
-        reflection_counts([r.text for r in rollouts], [bool(a > 0) for a in accuracy]) if accuracy is not None else {}
+        reflection_counts([r.text for r in rollouts], [bool(a > 0) for a in accuracy], reflection_match)
+        if accuracy is not None else {}
     )
 
     device = mask.device
@@ -97,12 +104,17 @@ def micro_batch_stats(
 
 
 def log_reflective_sample(
-    loggers: list[Logger], texts: list[str], accuracy: torch.Tensor, generation_step: int, global_step: int
+    loggers: list[Logger],
+    texts: list[str],
+    accuracy: torch.Tensor,
+    reflection_match: Literal["word", "substring"],
+    generation_step: int,
+    global_step: int,
 ) -> None:
     """One correct, reflective response of the step as a text sample, for loggers that take text
     (a W&B table row, a TensorBoard text)."""
     sample = next((text for text, correct in zip(texts, accuracy.tolist())
-                   if correct > 0 and reflection_counts([text], [True])["n_reflective"]), None)
+                   if correct > 0 and reflection_counts([text], [True], reflection_match)["n_reflective"]), None)
     if sample is None:
         return
     for logger in loggers:

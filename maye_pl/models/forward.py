@@ -238,6 +238,7 @@ def _chunk_scores(
     return_entropy: bool,
     banned_token_ids: Sequence[int] | None,
     logits_chunk_size: int | None,
+    maye_position_ids: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """(n, T) logprobs (and entropies) of one chunk, zero on response padding."""
     trimmed = _trim(chunk)
@@ -247,7 +248,11 @@ def _chunk_scores(
     t = trimmed.response_ids.shape[1]
     if t == 0:
         return logprobs, entropy
+    # MAYE's trainer positions (switch): a 1-D count over the mask, given to every M-RoPE section.
+    attention = trimmed.attention_mask
+    position_ids = (attention.cumsum(-1) - 1) * attention if maye_position_ids else None  # (n, P+t); None: M-RoPE
     out = model(
+        position_ids=position_ids,
         input_ids=trimmed.input_ids,
         attention_mask=trimmed.attention_mask,
         mm_token_type_ids=trimmed.mm_token_type_ids,
@@ -280,6 +285,7 @@ def response_logprobs(
     return_entropy: bool = False,
     banned_token_ids: Sequence[int] | None = None,
     logits_chunk_size: int | None = 256,
+    maye_position_ids: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probabilities of the response tokens under ``softmax(logits / temperature)``.
 
@@ -297,6 +303,8 @@ def response_logprobs(
             logits are set to -inf, so the scores are those of the distribution that was sampled.
         logits_chunk_size: response positions per fp32 log-softmax chunk (``token_logprobs``):
             bounds the temporaries to rows * chunk * V fp32 values (None = all positions).
+        maye_position_ids: MAYE's 1-D positions instead of the model's M-RoPE ones (image tokens
+            then sit at consecutive positions, unlike in the engine); for reproducing MAYE only.
 
     Returns:
         (N, T) fp32 logprobs, 0 on padding; with ``return_entropy`` a tuple (logprobs, entropy),
@@ -312,7 +320,7 @@ def response_logprobs(
     scores = [
         _chunk_scores(
             model, select_rows(inputs, slice(s, s + step)), temperature, return_entropy, banned_token_ids,
-            logits_chunk_size,
+            logits_chunk_size, maye_position_ids,
         )
         for s in range(0, N, step)
     ]

@@ -1,4 +1,4 @@
-"""Rewards: str -> score. Answer extraction, the time-limited math judge, the paper's rewards.
+"""Rewards: str -> score. Answer extraction, the time-limited math judges (own and MAYE's), the paper's rewards.
 
 A reward is any callable ``fn(responses: list[str], samples: list[dict]) -> Tensor`` of shape
 (B,), float32; the config names rewards by import path (``RewardTerm``).
@@ -12,19 +12,38 @@ from maye_pl.rewards.combine import (
     resolve_rewards,
     score_responses,
 )
-from maye_pl.rewards.functions import accuracy_reward, format_reward, language_reward
+from maye_pl.rewards.functions import (
+    ACCURACY_REWARDS,
+    Judge,
+    accuracy_reward,
+    format_reward,
+    judge_problems,
+    judge_responses,
+    language_reward,
+    maye_accuracy_reward,
+    maye_format_reward,
+)
 from maye_pl.rewards.judge import math_judge, math_judge_batch, shutdown_judge_workers
+from maye_pl.rewards.maye_judge import maye_judge, maye_judge_batch
 
 __all__ = [
+    "ACCURACY_REWARDS",
+    "Judge",
     "RewardFn",
     "RewardTerm",
     "accuracy_reward",
     "default_rewards",
     "extract_boxed",
     "format_reward",
+    "judge_problems",
+    "judge_responses",
     "language_reward",
     "math_judge",
     "math_judge_batch",
+    "maye_accuracy_reward",
+    "maye_format_reward",
+    "maye_judge",
+    "maye_judge_batch",
     "normalize_answer",
     "resolve_rewards",
     "score_responses",

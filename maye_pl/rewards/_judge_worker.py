@@ -6,7 +6,9 @@ starts in about half a second. ``maye_pl/rewards/judge.py`` starts it, bounds ev
 its own deadline and kills it when one runs over; there is no time limit in here.
 
 Protocol on stdin/stdout, one line each way per pair:
-    parent -> worker   JSON ``[golden, predicted]`` (answers already extracted and normalised)
+    parent -> worker   JSON ``[golden, predicted]`` (answers already extracted and normalised), or
+                       ``[first, second, "sentences"]``: two texts parsed as they are, MAYE's call
+                       ``verify(parse(first), parse(second))`` (``maye_judge``)
     worker -> parent   ``1`` (equivalent) or ``0`` (not, or math-verify failed)
 The worker writes ``ready`` once its imports are done, and exits when stdin closes.
 """
@@ -37,11 +39,13 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _equivalent(golden: str, predicted: str, parse, verify) -> bool:
-    # Wrapping in \boxed makes math-verify read exactly this answer (boxed has top priority),
-    # not some other number it would find in the text.
-    gold = parse("\\boxed{" + golden + "}", parsing_timeout=None)
-    pred = parse("\\boxed{" + predicted + "}", parsing_timeout=None)
+def _equivalent(golden: str, predicted: str, mode: list[str], parse, verify) -> bool:
+    if mode != ["sentences"]:
+        # Wrapping in \boxed makes math-verify read exactly this answer (boxed has top priority),
+        # not some other number it would find in the text.
+        golden, predicted = "\\boxed{" + golden + "}", "\\boxed{" + predicted + "}"
+    gold = parse(golden, parsing_timeout=None)
+    pred = parse(predicted, parsing_timeout=None)
     return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
 
 
@@ -60,8 +64,8 @@ def main() -> None:
     out.flush()
     for line in sys.stdin.buffer:
         try:
-            golden, predicted = json.loads(line)
-            answer = _equivalent(golden, predicted, parse, verify)
+            golden, predicted, *mode = json.loads(line)
+            answer = _equivalent(golden, predicted, mode, parse, verify)
         except Exception:  # noqa: BLE001 - a pair math-verify cannot handle is simply not equal
             answer = False
         out.write(b"1\n" if answer else b"0\n")

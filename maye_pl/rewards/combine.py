@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from maye_pl.rewards.functions import ACCURACY_REWARDS
+
 RewardFn = Callable[[list[str], list[dict]], torch.Tensor]
 _REWARD_CONTRACT = "a callable fn(responses: list[str], samples: list[dict]) -> Tensor (B,) float32"
 
@@ -59,13 +61,13 @@ class RewardTerm:
         return self.name if self.name is not None else self.fn.rsplit(".", 1)[-1]
 
 
-def default_rewards() -> list[RewardTerm]:
-    """The paper's rewards: accuracy (weight 1) + language penalty (weight 1); format is off.
+def default_rewards(judge: str = "math_verify") -> list[RewardTerm]:
+    """The paper's rewards: accuracy under ``judge`` (weight 1) + language penalty (weight 1); format is off.
 
     A function, so every caller gets its own list (no shared mutable default).
     """
     return [
-        RewardTerm("maye_pl.rewards.accuracy_reward", 1.0, "accuracy"),
+        RewardTerm(ACCURACY_REWARDS[judge], 1.0, "accuracy"),
         RewardTerm("maye_pl.rewards.language_reward", 1.0, "language"),
     ]
 

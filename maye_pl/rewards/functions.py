@@ -8,9 +8,21 @@ and ``format_reward_fn`` (GAIR-NLP/MAYE, ``maye/rlhf``), with the differences no
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from maye_pl.rewards.judge import math_judge_batch
+from maye_pl.rewards.maye_judge import maye_judge_batch
+
+Judge = Literal["math_verify", "maye"]
+"""An answer judge: "math_verify" (``math_judge``: last box vs ``answer``) or "maye" (``maye_judge``:
+MAYE's decision, last boxed sentence vs the full ``solution``)."""
+ACCURACY_REWARDS: dict[str, str] = {
+    "math_verify": "maye_pl.rewards.accuracy_reward",
+    "maye": "maye_pl.rewards.maye_accuracy_reward",
+}
+"""The accuracy reward of each judge, by the import path a ``RewardTerm`` names."""
 
 # CJK Unified Ideographs, the block MAYE counts (`re.findall(r"[\u4e00-\u9fff]", text)`).
 _CJK_FIRST, _CJK_LAST = "\u4e00", "\u9fff"
@@ -21,14 +33,46 @@ def accuracy_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:
     """1.0 where the response's last boxed answer equals ``sample["answer"]``, else 0.0.
 
     Judged by ``math_judge`` (5 s per response at most). MAYE judges against the boxed
-    ``"solution"``; the short ``"answer"`` is the same value without the box.
+    ``"solution"`` (``maye_accuracy_reward``); the short ``"answer"`` is the same value without the box.
 
     Returns:
         (B,) float32.
     """
     _check_batch("accuracy_reward", responses, samples)
-    golden = [_golden(sample, index) for index, sample in enumerate(samples)]
-    return torch.tensor(math_judge_batch(responses, golden), dtype=torch.float32)  # (B,)
+    return torch.tensor(judge_responses("math_verify", responses, samples), dtype=torch.float32)  # (B,)
+
+
+def maye_accuracy_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:
+    """MAYE's accuracy reward: 1.0 where ``maye_judge`` credits the response against
+    ``sample["solution"]``, else 0.0 (5 s of math-verify per response at most).
+
+    Returns:
+        (B,) float32.
+    """
+    _check_batch("maye_accuracy_reward", responses, samples)
+    return torch.tensor(judge_responses("maye", responses, samples), dtype=torch.float32)  # (B,)
+
+
+def judge_responses(judge: Judge, responses: list[str], samples: list[dict]) -> list[bool]:
+    """Whether each response is correct for its sample under ``judge`` (see ``Judge``)."""
+    if judge == "maye":
+        return maye_judge_batch(responses, [_golden(sample, index, "solution") for index, sample in enumerate(samples)])
+    return math_judge_batch(responses, [_golden(sample, index, "answer") for index, sample in enumerate(samples)])
+
+
+def judge_problems(judge: str, rewards: list | None) -> list[str]:
+    """Config problems of ``model.judge`` with ``model.rewards`` (``RewardTerm``s, or their dicts as
+    the CLI saves them in ``hparams``): an unknown judge, or an accuracy reward of the other judge
+    (training and evaluation would then disagree on what is correct)."""
+    if judge not in ACCURACY_REWARDS:
+        return [f"`model.judge`={judge!r} is unknown; choose one of {sorted(ACCURACY_REWARDS)}."]
+    paths = [term["fn"] if isinstance(term, dict) else term.fn for term in rewards or []]
+    return [
+        f"`model.rewards[{index}].fn`={fn!r} judges with another judge than `model.judge`={judge!r}; "
+        f"use {ACCURACY_REWARDS[judge]!r} (or set `model.judge` to match)."
+        for index, fn in enumerate(paths)
+        if fn in ACCURACY_REWARDS.values() and fn != ACCURACY_REWARDS[judge]
+    ]
 
 
 def language_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:
@@ -67,7 +111,27 @@ def format_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:
     return torch.tensor([_think_then_answer(text) for text in responses], dtype=torch.float32)
 
 
+def maye_format_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:
+    """MAYE's format reward as its recipe adds it: 1.0 where the response has exactly one
+    ``<think>...</think>`` block (non-overlapping matches), wherever its answer is.
+
+    Returns:
+        (B,) float32.
+    """
+    _check_batch("maye_format_reward", responses, samples)
+    return torch.tensor([_think_blocks(text)[0] == 1 for text in responses], dtype=torch.float32)
+
+
 def _think_then_answer(text: str) -> bool:
+    blocks, last_close = _think_blocks(text)
+    if blocks != 1:
+        return False
+    answer_start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return answer_start < 0 or answer_start > last_close
+
+
+def _think_blocks(text: str) -> tuple[int, int]:
+    """MAYE's count of non-overlapping ``<think>.*?</think>`` blocks, and where the last one closes (-1: none)."""
     # str.find instead of MAYE's regex: the lazy DOTALL match is quadratic on many unclosed <think>.
     blocks, position, last_close = 0, 0, -1
     while (start := text.find("<think>", position)) >= 0:
@@ -75,19 +139,16 @@ def _think_then_answer(text: str) -> bool:
         if close < 0:
             break
         blocks, last_close, position = blocks + 1, close, close + len("</think>")
-    if blocks != 1:
-        return False
-    answer_start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    return answer_start < 0 or answer_start > last_close
+    return blocks, last_close
 
 
-def _golden(sample: dict, index: int) -> str:
-    if "answer" not in sample:
+def _golden(sample: dict, index: int, key: str) -> str:
+    if key not in sample:
         raise KeyError(
-            f"accuracy_reward: samples[{index}] has no 'answer' key (keys: {sorted(sample)}); "
-            "the data module must put the golden short answer under 'answer'."
+            f"accuracy reward: samples[{index}] has no {key!r} key (keys: {sorted(sample)}); the data module "
+            "must put the golden short answer under 'answer' and the worked solution under 'solution'."
         )
-    return str(sample["answer"])
+    return str(sample[key])
 
 
 def _check_batch(reward: str, responses: list[str], samples: list[dict]) -> None:

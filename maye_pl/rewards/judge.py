@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,15 +89,36 @@ def math_judge_batch(
     Raises:
         ValueError: when ``predictions`` and ``solutions`` differ in length.
     """
+    return judge_pairs("math_judge_batch", predictions, solutions, _judge_locally, timeout)
+
+
+def judge_pairs(
+    caller: str,
+    predictions: Sequence[str],
+    solutions: Sequence[str],
+    settle: Callable[[str, str], bool | tuple[str, ...]],
+    timeout: float,
+) -> list[bool]:
+    """A judge's verdicts: ``settle`` decides each pair in this process (a bool) or returns the
+    request for math-verify (a tuple, see ``_judge_remotely``); the requests go to one worker at
+    once. A pair whose ``settle`` raises is False (logged): a reward never crashes a training step.
+
+    Raises:
+        ValueError: naming ``caller``, when ``predictions`` and ``solutions`` differ in length.
+    """
     if len(predictions) != len(solutions):
         raise ValueError(
-            f"math_judge_batch: got {len(predictions)} predictions and {len(solutions)} "
+            f"{caller}: got {len(predictions)} predictions and {len(solutions)} "
             "solutions; they pair up one to one, so pass lists of equal length."
         )
     results: list[bool] = []
-    remote: list[tuple[int, tuple[str, str]]] = []
+    remote: list[tuple[int, tuple[str, ...]]] = []
     for index, (prediction, solution) in enumerate(zip(predictions, solutions)):
-        verdict = _judge_locally(prediction, solution)
+        try:
+            verdict = settle(prediction, solution)
+        except Exception:  # noqa: BLE001 - the contract above
+            log.exception("%s failed on pair %d; judged False", caller, index)
+            verdict = False
         results.append(verdict is True)
         if isinstance(verdict, tuple):
             remote.append((index, verdict))
@@ -157,8 +178,10 @@ def _naive_braces_balanced(text: str) -> bool:
 # --- Step 6: the worker ---------------------------------------------------------------------
 
 
-def _judge_remotely(pairs: list[tuple[str, str]], timeout: float) -> list[bool]:
-    """math-verify's verdict on each (golden, predicted) pair; False past ``timeout`` each."""
+def _judge_remotely(pairs: list[tuple[str, ...]], timeout: float) -> list[bool]:
+    """math-verify's verdict on each pair in the worker (protocol in ``_judge_worker.py``); False past
+    ``timeout`` seconds each. ``(golden, predicted)``: extracted answers; ``(first, second, "sentences")``:
+    texts parsed as they are, ``verify(parse(first), parse(second))``."""
     if not timeout > 0:  # also NaN: no time to judge, and no worker to kill for it
         return [False] * len(pairs)
     timeout = min(timeout, _LONGEST_TIMEOUT_S)

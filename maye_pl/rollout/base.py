@@ -27,7 +27,10 @@ class SamplingConfig:
     n: int = 1
     """Samples per prompt (G)."""
     seed: int | None = None
-    """Sampling seed; None draws a fresh one per call."""
+    """The run's sampling seed; None draws fresh randomness per call."""
+    step: int | None = None
+    """Generation step of the call (set by RolloutCallback); each sample's stream derives from
+    (``seed``, ``step``, request, sample) by ``maye_pl.rollout.seeds.sampling_seed``; None = evaluation."""
     logprobs: bool = True
     """Return the engine's log-prob of each sampled token (for mismatch diagnostics)."""
 

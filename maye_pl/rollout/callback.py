@@ -85,7 +85,7 @@ class RolloutCallback(pl.Callback):
             max_model_len: Longest prompt+response the engine accepts.
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
-            seed: Base sampling seed; training call s uses ``seed + s``.
+            seed: Base sampling seed; each sample's stream derives from (seed, generation step, request, sample).
             max_staleness: How many policy versions a training batch's rollouts may lag behind.
                 0 (MAYE): generate batch k after the update of batch k-1, then train on it.
                 1: the engine generates batch k+1 while the trainer updates on batch k, with the
@@ -252,7 +252,7 @@ class RolloutCallback(pl.Callback):
         )
 
     def _training_sampling(self, pl_module: Any, generation_step: int) -> SamplingConfig:
-        return SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed + generation_step})
+        return SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed, "step": generation_step})
 
     def _submit(self, trainer: pl.Trainer, pl_module: Any, generation_step: int, prompts: list[dict]) -> None:
         """Every rank sends its prompts to rank 0, which queues them all in the engine at once."""

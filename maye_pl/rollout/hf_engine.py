@@ -16,6 +16,7 @@ from torch import nn
 
 from maye_pl.models.loading import stop_token_ids, vision_token_ids
 from maye_pl.rollout.base import ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.seeds import sampling_seed
 
 
 class HFEngine:
@@ -83,9 +84,10 @@ class HFEngine:
             if sampling.seed is None:
                 out = self.model.generate(**batch, **options)
             else:
-                # A private RNG stream: seeding must not reset the trainer's global generator.
+                # A private RNG stream: seeding must not reset the trainer's global generator. One
+                # generate call draws all rows from one generator: seeded with the call's first stream.
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(sampling.seed)
+                    torch.manual_seed(sampling_seed(sampling.seed, sampling.step, 0, 0))
                     out = self.model.generate(**batch, **options)
         finally:
             self.model.train(was_training)

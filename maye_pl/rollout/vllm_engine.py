@@ -43,6 +43,7 @@ import torch
 
 from maye_pl.models.loading import resolve_dtype
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.seeds import sampling_seed
 from maye_pl.rollout.placement import choose_engine_device, engine_environment
 
 logger = logging.getLogger(__name__)
@@ -459,9 +460,9 @@ def _sampling_params(
 ):
     from vllm import SamplingParams
 
-    # One seed per request: vLLM gives sample k of a request seed + k, so request i starts at
-    # seed + i*n and no two samples in the batch share a seed, even for identical prompts.
-    seed = None if sampling.seed is None else sampling.seed + request_index * sampling.n
+    # The seed of the request's sample 0: vLLM gives sample k seed + k, which is sampling_seed's
+    # stream of sample k, so no two samples of the run share a seed, even for identical prompts.
+    seed = None if sampling.seed is None else sampling_seed(sampling.seed, sampling.step, request_index, 0)
     return SamplingParams(
         n=sampling.n,
         temperature=sampling.temperature,
