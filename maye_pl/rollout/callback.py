@@ -7,6 +7,7 @@ the CLI registers it as a forced callback and its contract is spelled out here.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
 
 from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
+from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
 
 
@@ -55,6 +57,7 @@ class RolloutCallback(pl.Callback):
         max_model_len: int = 4096,
         enforce_eager: bool = True,
         bucket_mb: int = 256,
+        weight_transport: str = "collective",
         seed: int = 0,
     ) -> None:
         """
@@ -70,6 +73,9 @@ class RolloutCallback(pl.Callback):
             max_model_len: Longest prompt+response the engine accepts.
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
+            weight_transport: How weights reach the vLLM engine: "collective" (broadcast over a
+                private process group with the engine: gloo on CPU, NCCL on GPU) or "pipe"
+                (safetensors bytes through the engine's pipe, the fallback).
             seed: Base sampling seed; training call s uses ``seed + s``.
         """
         super().__init__()
@@ -85,6 +91,7 @@ class RolloutCallback(pl.Callback):
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
+        self.weight_transport = check_transport(weight_transport)
         self.seed = seed
         self.engine: RolloutEngine | None = None
         self.keep_engine_after_validate = False
@@ -126,6 +133,7 @@ class RolloutCallback(pl.Callback):
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
             weight_bucket_bytes=self.bucket_bytes,
+            weight_transport=self.weight_transport,
         )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -161,11 +169,12 @@ class RolloutCallback(pl.Callback):
         self._weights_stale = True
 
     def _sync_if_stale(self, trainer: pl.Trainer, pl_module: Any, batch_size: int) -> None:
-        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time."""
+        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time, in
+        one engine transaction (one finalize and cache reset per sync, not per bucket)."""
         if not self._weights_stale:
             return
-        push = self.engine.update_weights if trainer.is_global_zero else None
-        stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
+        with self.engine.weight_update() if trainer.is_global_zero else nullcontext() as push:
+            stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
         self._weights_stale = False
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             # Also reached from the first validation batch after an epoch: keep the names unsuffixed.

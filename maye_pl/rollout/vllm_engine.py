@@ -205,9 +205,11 @@ class VLLMEngine:
         serve a rollout.
         """
         try:
+            # A round trip first: whatever the engine is still doing finishes before any broadcast
+            # starts, so the group's timeout covers the transfer alone.
+            self._call("begin_update")
             if self.weight_transport == "collective" and self._weight_group is None:
                 self._join_weight_group()
-            self._call("begin_update")
             yield self._push_collective if self.weight_transport == "collective" else self._push_pipe
             kept = self._call("finish_update")
         except BaseException:
