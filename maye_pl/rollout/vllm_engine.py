@@ -277,8 +277,8 @@ class VLLMEngine:
         self.shutdown()
         return VLLMEngineError(
             f"weight transfer to the vLLM engine failed ({error}); the engine was shut down. "
-            "Raise weight_group_timeout_s if one bucket takes longer to move on a busy machine, "
-            "or set rollout.weight_transport=pipe."
+            f"One bucket may take weight_group_timeout_s={self.weight_group_timeout_s} s to move; "
+            "if the collective transport keeps failing here, set rollout.weight_transport=pipe."
         )
 
     def shutdown(self) -> None:
