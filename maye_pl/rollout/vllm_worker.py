@@ -71,13 +71,6 @@ class WeightSyncExtension:
                         bound.arguments[key] = value.clone()
         return len(tensors)
 
-    def maye_leave_weight_group(self) -> None:
-        """Abort the group and free the receive buffer (the trainer is shutting the engine down)."""
-        receiver = getattr(self, "_maye_receiver", None)
-        if receiver is not None:
-            weight_transport.close_group(receiver.group)
-            self._maye_receiver = None
-
     def maye_finish_weight_update(self) -> list[str]:
         """Process the loaded layers into kernel layout; returns the vLLM parameters not updated."""
         from vllm.config import set_current_vllm_config

