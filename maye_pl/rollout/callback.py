@@ -7,6 +7,7 @@ the CLI registers it as a forced callback and its contract is spelled out here.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from itertools import accumulate
 from typing import Any
 
@@ -17,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue, Submission
+from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -64,6 +66,7 @@ class RolloutCallback(pl.Callback):
         max_model_len: int = 4096,
         enforce_eager: bool = True,
         bucket_mb: int = 256,
+        weight_transport: str = "collective",
         seed: int = 0,
         max_staleness: int = 0,
         # vLLM only: start-up limit, concurrency, further engine arguments, log level
@@ -86,6 +89,9 @@ class RolloutCallback(pl.Callback):
             enforce_eager: Skip CUDA-graph capture (faster start, slower decoding).
             bucket_mb: Largest weight bucket gathered and pushed at once, in MiB.
             seed: Base sampling seed; each sample's stream derives from (seed, generation step, request, sample).
+            weight_transport: How weights reach the vLLM engine: "collective" (broadcast over a
+                private process group with the engine: gloo on CPU, NCCL on GPU) or "pipe"
+                (safetensors bytes through the engine's pipe, the fallback).
             max_staleness: How many policy versions a training batch's rollouts may lag behind.
                 0 (MAYE): generate batch k after the update of batch k-1, then train on it.
                 1: the engine generates batch k+1 while the trainer updates on batch k, with the
@@ -121,6 +127,7 @@ class RolloutCallback(pl.Callback):
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
+        self.weight_transport = check_transport(weight_transport)
         self.seed = seed
         self.vllm_options = {"startup_timeout_s": startup_timeout_s, "max_num_seqs": max_num_seqs,
                              "llm_kwargs": engine_kwargs, "log_level": log_level}
@@ -174,6 +181,7 @@ class RolloutCallback(pl.Callback):
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
             weight_bucket_bytes=self.bucket_bytes,
+            weight_transport=self.weight_transport,
             wait=False,
             **self.vllm_options,
         )
@@ -297,11 +305,12 @@ class RolloutCallback(pl.Callback):
         return received[0]
 
     def _sync_if_stale(self, trainer: pl.Trainer, pl_module: Any, batch_size: int) -> None:
-        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time."""
+        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time, in
+        one engine transaction (one finalize and cache reset per sync, not per bucket)."""
         if not self._weights_stale:
             return
-        push = self.engine.update_weights if trainer.is_global_zero else None
-        stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
+        with self.engine.weight_update() if trainer.is_global_zero else nullcontext() as push:
+            stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
         self._weights_stale = False
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             # Also reached from the first validation batch after an epoch: keep the names unsuffixed.

@@ -9,13 +9,14 @@ actually sampled from (after temperature, top-p and the vision-token suppression
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from maye_pl.models.loading import stop_token_ids, vision_token_ids
-from maye_pl.rollout.base import ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import NamedTensors, ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 from maye_pl.rollout.seeds import sampling_seed
 
 
@@ -126,17 +127,29 @@ class HFEngine:
             )
         return rollouts
 
-    @torch.no_grad()
+    @contextmanager
+    def weight_update(self) -> Iterator[Callable[[NamedTensors], None]]:
+        """One weight-update transaction; ``push(bucket)`` copies each tensor into the parameter
+        of that (transformers) name. Nothing is cached, so there is nothing to finish."""
+        params = dict(self.model.named_parameters())
+
+        @torch.no_grad()
+        def push(bucket: NamedTensors) -> None:
+            for name, tensor in bucket:
+                if name not in params:
+                    raise KeyError(
+                        f"HFEngine.update_weights: {name!r} is not a parameter of "
+                        f"{type(self.model).__name__}; send the policy's own named_parameters() names."
+                    )
+                params[name].copy_(tensor)
+
+        yield push
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy tensors into the model's parameters by (transformers) name."""
-        params = dict(self.model.named_parameters())
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(
-                    f"HFEngine.update_weights: {name!r} is not a parameter of "
-                    f"{type(self.model).__name__}; send the policy's own named_parameters() names."
-                )
-            params[name].copy_(tensor)
+        with self.weight_update() as push:
+            for name, tensor in named_tensors:
+                push([(name, tensor)])
 
     def shutdown(self) -> None:
         """Nothing to release: the model belongs to the caller."""

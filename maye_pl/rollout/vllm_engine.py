@@ -36,15 +36,26 @@ import time
 import traceback
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from maye_pl.models.loading import resolve_dtype
-from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import NamedTensors, Rollout, RolloutRequest, SamplingConfig
 from maye_pl.rollout.seeds import sampling_seed
 from maye_pl.rollout.placement import choose_engine_device, engine_environment
+from maye_pl.rollout.weight_transport import (
+    TRAINER_RANK,
+    backend_for,
+    broadcast_tensors,
+    bucketed,
+    check_transport,
+    close_group,
+    join_group,
+    open_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +86,12 @@ class VLLMEngine:
         enforce_eager: skip CUDA-graph capture / torch.compile (faster start, slower decode).
         limit_mm_per_prompt: maximum images per prompt.
         max_num_seqs: sequences decoded concurrently.
-        weight_bucket_bytes: ``update_weights`` sends tensors in buckets of at most this many
-            bytes (a larger single tensor travels alone).
+        weight_bucket_bytes: weights travel in buckets of at most this many bytes (a larger
+            single tensor travels alone); the engine's receive buffer has this size.
+        weight_transport: ``"collective"`` (broadcast over a private 2-process group: gloo for a
+            CPU engine, NCCL for a GPU one) or ``"pipe"`` (safetensors bytes through the pipe).
+        weight_group_timeout_s: how long one broadcast may take before the transfer fails (the
+            collective transport; a dead engine fails it at once).
         startup_timeout_s: give up if the engine is not ready after this long.
         llm_kwargs: extra ``vllm.LLM`` arguments (e.g. ``{"max_num_batched_tokens": 8192}``).
         wait: block until the engine is ready; False returns at once and the first operation
@@ -102,6 +117,8 @@ class VLLMEngine:
         limit_mm_per_prompt: int = 1,
         max_num_seqs: int = 256,
         weight_bucket_bytes: int = 256 * 2**20,
+        weight_transport: str = "collective",
+        weight_group_timeout_s: float = 60.0,
         startup_timeout_s: float = 900.0,
         llm_kwargs: dict[str, Any] | None = None,
         wait: bool = True,
@@ -120,6 +137,9 @@ class VLLMEngine:
         )
         self.dtype = dtype
         self.weight_bucket_bytes = weight_bucket_bytes
+        self.weight_transport = check_transport(weight_transport)
+        self.weight_group_timeout_s = weight_group_timeout_s
+        self._weight_group = None  # the trainer's member of the collective transport's group
         engine_args = {
             "model": str(model_path),
             "dtype": dtype,
@@ -219,30 +239,24 @@ class VLLMEngine:
         """Sample ``sampling.n`` responses per request; B*G rollouts, request-major."""
         return self.submit(requests, sampling, policy_version=policy_version).result()
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (transformers names), streamed in ``weight_bucket_bytes`` buckets.
+    @contextmanager
+    def weight_update(self) -> Iterator[Callable[[NamedTensors], None]]:
+        """One weight-update transaction; yields ``push(bucket)`` (HF names, full tensors).
 
-        At most one bucket is held in CPU memory at a time. Parameters not sent keep their values
-        (e.g. a frozen ViT need not be sent). An update that fails midway (a bad name, an error
-        in ``named_tensors``) leaves the engine half-loaded, so the engine is shut down.
+        Begin is a round trip (a generation in flight finishes first), then every pushed bucket
+        is loaded, and the exit finishes once: one layerwise finalize, one reset of the prefix,
+        encoder and multimodal caches. Parameters not sent keep their values (a frozen ViT need
+        not be sent). vLLM cannot roll a partial update back, so an error inside the block (or in
+        the engine, or a transfer cut midway) shuts the engine down: half-updated weights never
+        serve a rollout.
         """
-        dtype = resolve_dtype(self.dtype)
-        self._call("begin_update")
         try:
-            bucket: dict[str, torch.Tensor] = {}
-            size = 0
-            for name, tensor in named_tensors:
-                tensor = tensor.detach()
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                tensor = tensor.to("cpu").contiguous()  # (same shape)
-                if bucket and size + tensor.nbytes > self.weight_bucket_bytes:
-                    self._send_bucket(bucket)
-                    bucket, size = {}, 0
-                bucket[name] = tensor
-                size += tensor.nbytes
-            if bucket:
-                self._send_bucket(bucket)
+            # A round trip first: whatever the engine is still doing finishes before any broadcast
+            # starts, so the group's timeout covers the transfer alone.
+            self._call("begin_update")
+            if self.weight_transport == "collective" and self._weight_group is None:
+                self._join_weight_group()
+            yield self._push_collective if self.weight_transport == "collective" else self._push_pipe
             kept = self._call("finish_update")
         except BaseException:
             self.shutdown()
@@ -251,16 +265,76 @@ class VLLMEngine:
             "weight update: %d engine parameters were not sent and kept their values", len(kept)
         )
 
-    def _send_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights (HF names) in one transaction, in ``weight_bucket_bytes`` buckets."""
+        with self.weight_update() as push:
+            for bucket in bucketed(named_tensors, self.weight_bucket_bytes):
+                push(bucket)
+
+    def weight_update_counts(self) -> dict[str, int]:
+        """The worker's count of transactions ``begun``/``finished`` and ``buckets`` loaded."""
+        return self._call("weight_update_counts")
+
+    def _engine_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        return resolve_dtype(self.dtype) if tensor.is_floating_point() else tensor.dtype
+
+    def _engine_tensor(self, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """``tensor`` as the engine holds it: engine dtype, contiguous, on ``device`` (no copy
+        when it already is)."""
+        return tensor.detach().to(device=device, dtype=self._engine_dtype(tensor)).contiguous()
+
+    def _push_pipe(self, bucket: NamedTensors) -> None:
         import safetensors.torch
 
-        self._call("load_bucket", safetensors.torch.save(bucket))
+        for part in bucketed(bucket, self.weight_bucket_bytes):
+            tensors = {name: self._engine_tensor(tensor, "cpu") for name, tensor in part}
+            self._call("load_bucket", safetensors.torch.save(tensors))
+
+    def _push_collective(self, bucket: NamedTensors) -> None:
+        # NCCL sends from the trainer's current GPU, gloo from host memory.
+        cuda = backend_for(self.device) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        for part in bucketed(bucket, self.weight_bucket_bytes):
+            metas = [
+                (name, tuple(tensor.shape), str(self._engine_dtype(tensor)).removeprefix("torch."))
+                for name, tensor in part
+            ]
+            request_id = self._send("receive_bucket", metas)  # the worker posts its receives ...
+            try:  # ... while this process sends, converting lazily (no copy of the whole bucket)
+                broadcast_tensors(self._weight_group, (self._engine_tensor(t, device) for _, t in part))
+            except RuntimeError as error:
+                raise self._transfer_failed(error) from error
+            self._wait(request_id, "receive_bucket")  # loaded
+
+    def _join_weight_group(self) -> None:
+        """Form the collective transport's group: the worker joins while this process does."""
+        store = open_store(self.weight_group_timeout_s)
+        request_id = self._send("join_weight_group", (store.port, self.weight_group_timeout_s, self.weight_bucket_bytes))
+        try:
+            self._weight_group = join_group(store, TRAINER_RANK, self.device, self.weight_group_timeout_s)
+        except RuntimeError as error:
+            raise self._transfer_failed(error) from error
+        self._wait(request_id, "join_weight_group")
+
+    def _transfer_failed(self, error: RuntimeError) -> VLLMEngineError:
+        self._process.join(timeout=2)  # a killed engine closes its sockets just before it exits
+        if self._process.exitcode is not None:
+            return self._died("the weight transfer")
+        self.shutdown()
+        return VLLMEngineError(
+            f"weight transfer to the vLLM engine failed ({error}); the engine was shut down. "
+            f"One bucket may take weight_group_timeout_s={self.weight_group_timeout_s} s to move; "
+            "if the collective transport keeps failing here, set rollout.weight_transport=pipe."
+        )
 
     def shutdown(self) -> None:
         """Stop the engine host and everything it started. Safe to call twice."""
         if self._process is not None:
             self._finalizer()
             self._process = None
+        if self._weight_group is not None:
+            close_group(self._weight_group)
+            self._weight_group = None
 
     def __enter__(self) -> VLLMEngine:
         return self
@@ -554,6 +628,13 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
             "maye_load_weight_bucket", args=(payload,)
         ),
         "finish_update": lambda _: _finish_update(llm),
+        "join_weight_group": lambda payload: llm.collective_rpc(
+            "maye_join_weight_group", args=payload
+        ),
+        "receive_bucket": lambda metas: llm.collective_rpc(
+            "maye_receive_weight_bucket", args=(metas,)
+        ),
+        "weight_update_counts": lambda _: llm.collective_rpc("maye_weight_update_counts")[0],
     }
     while True:
         try:

@@ -12,17 +12,23 @@ until the layer is complete, then re-runs the layer's post-load processing. ``re
 wraps that machinery in one call that wants every weight in one iterator; streaming in buckets
 needs its three phases as separate calls: begin, load bucket after bucket, finish.
 
-Why bytes: tensors passed as ``collective_rpc`` arguments do not survive the trip into vLLM's
-engine process; a safetensors blob does, and it is also what crosses the pipe from the trainer.
+Two transports deliver the buckets: ``maye_receive_weight_bucket`` receives a bucket by broadcast
+over a private process group with the trainer (``weight_transport``) into a receive buffer
+allocated once; ``maye_load_weight_bucket`` takes a safetensors blob that crossed the pipe (the
+fallback; tensors passed as ``collective_rpc`` arguments do not survive the trip into vLLM's
+engine process, bytes do).
 """
 
 from __future__ import annotations
 
 import safetensors.torch
+import torch
+
+from maye_pl.rollout import weight_transport
 
 
 class WeightSyncExtension:
-    """Worker-side half of ``VLLMEngine.update_weights`` (mixed into vLLM's ``Worker``)."""
+    """Worker-side half of ``VLLMEngine.weight_update`` (mixed into vLLM's ``Worker``)."""
 
     def maye_begin_weight_update(self) -> None:
         """Put every layer in checkpoint layout; its loaders buffer until the layer is complete."""
@@ -32,16 +38,37 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.get_model())
         self._maye_loaded: set[str] = set()
+        self._maye_counts()["begun"] += 1
 
     def maye_load_weight_bucket(self, payload: bytes) -> int:
         """Load a bucket (``safetensors.torch.save`` bytes, HF names); returns its tensor count."""
-        from vllm.config import set_current_vllm_config
-
         tensors = safetensors.torch.load(payload)
-        with set_current_vllm_config(self.vllm_config):
-            # The model's own loader maps HF names (e.g. ``model.language_model.layers.0...``)
-            # to its fused parameters (qkv_proj, gate_up_proj).
-            self._maye_loaded |= self.model_runner.get_model().load_weights(iter(tensors.items()))
+        self._maye_load(list(tensors.items()))
+        return len(tensors)
+
+    def maye_join_weight_group(self, port: int, timeout_s: float, capacity_bytes: int) -> None:
+        """Join the trainer's 2-process group (rank 1) and allocate the receive buffer."""
+        store = weight_transport.connect_store(port, timeout_s)
+        group = weight_transport.join_group(store, weight_transport.ENGINE_RANK, self.device, timeout_s)
+        self._maye_receiver = weight_transport.BucketReceiver(group, self.device, capacity_bytes)
+
+    def maye_receive_weight_bucket(self, metas: list[weight_transport.TensorMeta]) -> int:
+        """Receive a bucket by broadcast (``metas``: name, shape, dtype each) and load it; returns
+        its tensor count."""
+        receiver = self._maye_receiver
+        tensors = receiver.receive(metas)
+        self._maye_load(tensors)
+        # A layer whose weights straddle two buckets (or that is processed only at the finish)
+        # keeps its loaded tensors until then; the next bucket overwrites the buffer, so those
+        # tensors get their own copy.
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        for layer in self.model_runner.get_model().modules():
+            info = LAYERWISE_INFO.get(layer)
+            for _, bound in info.loaded_weights if info is not None else ():
+                for key, value in bound.arguments.items():
+                    if isinstance(value, torch.Tensor) and receiver.owns(value):
+                        bound.arguments[key] = value.clone()
         return len(tensors)
 
     def maye_finish_weight_update(self) -> list[str]:
@@ -55,4 +82,23 @@ class WeightSyncExtension:
         # Stale vision embeddings computed with the old weights must not be reused.
         self.model_runner.reset_encoder_cache()
         self.model_runner.reset_mm_cache()
+        self._maye_counts()["finished"] += 1
         return sorted({name for name, _ in model.named_parameters()} - self._maye_loaded)
+
+    def maye_weight_update_counts(self) -> dict[str, int]:
+        """Transactions begun and finished, and buckets loaded, since the engine started."""
+        return dict(self._maye_counts())
+
+    def _maye_load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            # The model's own loader maps HF names (e.g. ``model.language_model.layers.0...``)
+            # to its fused parameters (qkv_proj, gate_up_proj).
+            self._maye_loaded |= self.model_runner.get_model().load_weights(iter(tensors))
+        self._maye_counts()["buckets"] += 1
+
+    def _maye_counts(self) -> dict[str, int]:
+        if not hasattr(self, "_maye_update_counts"):
+            self._maye_update_counts = {"begun": 0, "buckets": 0, "finished": 0}
+        return self._maye_update_counts

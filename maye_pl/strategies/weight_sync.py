@@ -175,15 +175,19 @@ def sync_weights(
     """Gather ``model``'s full weights bucket by bucket and ``push`` each bucket on ``dst_rank``.
 
     Call on every rank at the same point (e.g. ``on_train_batch_end``); ``push`` is only called
-    on ``dst_rank`` (pass e.g. ``engine.update_weights`` there and None elsewhere). ``push`` must
-    be done with the bucket when it returns: the list is emptied right after (memory bound). With
-    a ``plan``, frozen parameters are sent on the first call only.
+    on ``dst_rank`` (pass the ``push`` of ``engine.weight_update()`` there, None elsewhere), so
+    the whole sync is one engine transaction. ``push`` must be done with the bucket when it
+    returns: the list is emptied right after (memory bound). With a ``plan``, frozen parameters
+    are sent on the first call only.
 
     Timings are host wall-clock: on a GPU the gather time includes waiting for the all-gathers,
     the push time whatever the engine synchronizes.
     """
     if _rank() == dst_rank and push is None:
-        raise ValueError(f"sync_weights: push is None on the destination rank {dst_rank}; pass engine.update_weights.")
+        raise ValueError(
+            f"sync_weights: push is None on the destination rank {dst_rank}; pass the push of "
+            "engine.weight_update()."
+        )
     frozen_selected: list[str] = []
 
     def select(name: str, param: torch.Tensor) -> bool:

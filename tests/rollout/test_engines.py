@@ -1,6 +1,7 @@
 """The RolloutEngine contract, checked on both engines (HF ``generate`` and vLLM for real):
 request-major output with seeds, the trainer's prompt ids, the trainer's logprobs before and after
-``update_weights``, stop tokens, and vision special tokens that are never sampled."""
+``update_weights`` (over each weight transport), stop tokens, and vision special tokens that are
+never sampled."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import load_policy, vision_token_ids
 from maye_pl.rollout.base import RolloutEngine, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
+from maye_pl.rollout.vllm_engine import VLLMEngine
+from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +108,10 @@ def test_prompt_ids_equal_the_trainers(engine, tiny_processor, rollout_requests)
 
 
 def test_logprobs_equal_the_trainers_before_and_after_update(
-    engine, tiny_model_dir, tiny_processor, policy, rollout_requests
+    engine, tiny_model_dir, tiny_processor, policy, rollout_requests, monkeypatch
 ):
+    """After a weight update the engine samples with the new weights exactly (<= 1e-4 in fp32),
+    over every weight transport the engine has (vLLM: collective broadcast and pipe)."""
     sampling = SamplingConfig(temperature=0.7, max_tokens=12, n=2, seed=3)
     before = engine.generate(rollout_requests, sampling)
     engine_lp, scored, _ = _score(policy, tiny_processor, rollout_requests, before, 2, 0.7)
@@ -117,15 +122,19 @@ def test_logprobs_equal_the_trainers_before_and_after_update(
     with torch.no_grad():
         for param in perturbed.parameters():  # every parameter: ViT, connector and LLM
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    try:
-        engine.update_weights(perturbed.named_parameters())
-        after = engine.generate(rollout_requests, sampling)
-        engine_lp, scored, mask = _score(perturbed, tiny_processor, rollout_requests, after, 2, 0.7)
-        torch.testing.assert_close(engine_lp, scored, atol=1e-4, rtol=0)
-        _, scored_by_old, _ = _score(policy, tiny_processor, rollout_requests, after, 2, 0.7)
-        assert (engine_lp - scored_by_old)[mask].abs().max() > 1e-2  # the update landed
-    finally:
-        engine.update_weights(policy.named_parameters())  # engines are shared: restore
+    transports = WEIGHT_TRANSPORTS if isinstance(engine, VLLMEngine) else (None,)
+    for transport in transports:
+        if transport is not None:
+            monkeypatch.setattr(engine, "weight_transport", transport)
+        try:
+            engine.update_weights(perturbed.named_parameters())
+            after = engine.generate(rollout_requests, sampling)
+            engine_lp, scored, mask = _score(perturbed, tiny_processor, rollout_requests, after, 2, 0.7)
+            torch.testing.assert_close(engine_lp, scored, atol=1e-4, rtol=0)
+            _, scored_by_old, _ = _score(policy, tiny_processor, rollout_requests, after, 2, 0.7)
+            assert (engine_lp - scored_by_old)[mask].abs().max() > 1e-2  # the update landed
+        finally:
+            engine.update_weights(policy.named_parameters())  # engines are shared: restore
     assert [r.token_ids for r in engine.generate(rollout_requests, sampling)] == [
         r.token_ids for r in before
     ]

