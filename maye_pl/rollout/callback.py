@@ -222,8 +222,14 @@ class RolloutCallback(pl.Callback):
         if pl_module.sampling is None:
             return
         step = pl_module.generation_step
-        # The engine gets the newest weights before anything new is submitted; the engine runs
-        # the update after the generations already in flight, which keep their older weights.
+        # What the engine still generates (batch k, submitted a step ago) keeps its older weights:
+        # the update below runs after it. Waiting for it first times the wait and the sync apart.
+        start = time.perf_counter()
+        for submission in self.queue.submitted.values():
+            if submission.handle is not None:
+                submission.handle.result()
+        wait = time.perf_counter() - start
+        # The engine gets the newest weights before anything new is submitted.
         self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
         for ahead in range(self.max_staleness + 1):
             if step + ahead in self.queue.submitted:  # submitted during an earlier step, or restored
@@ -234,7 +240,7 @@ class RolloutCallback(pl.Callback):
             self._submit(trainer, pl_module, step + ahead, prompts)
         start = time.perf_counter()
         rollouts, engine_seconds = self._resolve(trainer, pl_module, step, batch)
-        wait = time.perf_counter() - start
+        wait += time.perf_counter() - start
         self.queue.put_ready(step, rollouts)
         tokens = sum(len(r.token_ids) for r in rollouts)
         pl_module.log_dict(
