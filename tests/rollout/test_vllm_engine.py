@@ -151,8 +151,6 @@ _OWNER = textwrap.dedent("""
     import os, sys
     from maye_pl.rollout.base import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
-from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
-from maye_pl.strategies import WeightSyncPlan, iter_full_parameters, sync_weights
 
     if __name__ == "__main__":
         model_dir, pid_file = sys.argv[1:]
