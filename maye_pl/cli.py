@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from maye_pl.data import MayeDataModule, ensure_geometry_dataset
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
-from maye_pl.models.tiny import ensure_tiny_model
+from maye_pl.models.tiny import ensure_tiny_model, tiny_model_type
 from maye_pl.rollout.callback import RolloutCallback
 
 # The synthetic set the CPU demo trains and evaluates on (datasets/README.md).
@@ -44,7 +44,8 @@ class MayeCLI(LightningCLI):
             "--demo_assets",
             type=bool,
             default=False,
-            help="Build the tiny random Qwen2.5-VL at model.model_path and the synthetic geometry set "
+            help="Build the tiny random VLM at model.model_path (the family its name ends with, e.g. "
+            "tiny-qwen3-vl; else Qwen2.5-VL) and the synthetic geometry set "
             "beside data.train_path when they are missing (the CPU demo; never downloads anything).",
         )
 
@@ -52,7 +53,8 @@ class MayeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if not config.get("demo_assets"):
             return
-        ensure_tiny_model(Path(config.model.init_args.model_path))
+        model_path = Path(config.model.init_args.model_path)
+        ensure_tiny_model(model_path, tiny_model_type(model_path))
         ensure_geometry_dataset(Path(config.data.train_path).parent, **DEMO_GEOMETRY)
 
     def before_fit(self) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from maye_pl.models.loading import stop_token_ids, vision_token_ids
+from maye_pl.models.adapters import adapter_for
+from maye_pl.models.loading import stop_token_ids
 from maye_pl.rollout.base import Rollout, RolloutRequest, SamplingConfig
 
 
@@ -30,7 +31,7 @@ class HFEngine:
         self.processor = processor
         tokenizer = processor.tokenizer
         self.stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
-        self.banned_ids = vision_token_ids(tokenizer)
+        self.banned_ids = adapter_for(model).vision_token_ids(tokenizer)
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         )

