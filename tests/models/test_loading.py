@@ -18,12 +18,14 @@ VIT = {
     "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
     "qwen2_5_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
     "qwen3_vl": ("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
+    "qwen3_5": ("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
 }
 CONNECTOR = {
     "qwen2_vl": ("model.visual.merger.",),
     "qwen2_5_vl": ("model.visual.merger.",),
     # DeepStack mergers feed ViT features into the LLM: they train (or not) with the merger.
     "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    "qwen3_5": ("model.visual.merger.",),
 }
 
 
@@ -52,7 +54,7 @@ def test_an_unknown_model_type_names_the_supported_ones(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"config.json: model_type='llava' has no maye_pl model adapter; supported: qwen2_vl \(Qwen2-VL\), "
-        r"qwen2_5_vl \(Qwen2.5-VL\), qwen3_vl \(Qwen3-VL\)",
+        r"qwen2_5_vl \(Qwen2.5-VL\), qwen3_vl \(Qwen3-VL\), qwen3_5 \(Qwen3.5\)",
     ):
         adapter_for(tmp_path)
     with pytest.raises(FileNotFoundError, match="`model.model_path`="):

@@ -16,6 +16,7 @@ MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
 }
 
 
@@ -106,4 +107,5 @@ def test_a_demo_path_name_picks_the_family() -> None:
     assert tiny_model_type(".cache/tiny-qwen3-vl") == "qwen3_vl"
     assert tiny_model_type(".cache/tiny-qwen2-vl") == "qwen2_vl"
     assert tiny_model_type(".cache/tiny-qwen2.5-vl") == "qwen2_5_vl"
+    assert tiny_model_type(".cache/tiny-qwen3.5") == "qwen3_5"
     assert tiny_model_type("/tmp/tiny") == "qwen2_5_vl"  # no family in the name: the default

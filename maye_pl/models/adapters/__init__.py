@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from maye_pl.models.adapters import qwen2_5_vl, qwen2_vl, qwen3_vl
+from maye_pl.models.adapters import qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl
 from maye_pl.models.adapters.base import QWEN_VISION_TOKENS, ModelAdapter
 
-_FAMILIES = (qwen2_vl, qwen2_5_vl, qwen3_vl)
+_FAMILIES = (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5)
 ADAPTERS: dict[str, ModelAdapter] = {family.ADAPTER.model_type: family.ADAPTER for family in _FAMILIES}
 """``config.model_type`` → its adapter."""
 

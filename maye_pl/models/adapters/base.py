@@ -31,24 +31,25 @@ PARTS = ("vit", "connector", "llm")
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """One VLM family. Prefixes are parameter-name prefixes of the HF model (``named_parameters``)."""
+    """One VLM family. Prefixes are parameter-name prefixes of the HF model (``named_parameters``);
+    the defaults are the layout transformers 5 gives every Qwen-VL family."""
 
     family: str
     """Human name, e.g. "Qwen2.5-VL"."""
     model_type: str
     """HF ``config.model_type`` that selects this adapter, e.g. "qwen2_5_vl"."""
-    vit: tuple[str, ...]
-    """The vision encoder (every prefix match not claimed by ``connector``)."""
-    connector: tuple[str, ...]
-    """Vision → LLM projections (merger; Qwen3-VL's deepstack mergers too). Checked before ``vit``."""
-    llm: tuple[str, ...]
-    """The language model and its output head."""
-    shard_containers: tuple[str, ...]
-    """Module lists whose every child is one FSDP2 unit (the ViT blocks, the decoder layers)."""
     tiny_config: Callable[[Any], Any]
-    """tokenizer → the HF config of the family's tiny random build."""
+    """tokenizer → the HF config of the family's tiny random build (``maye_pl.models.tiny``)."""
     tiny_processor: Callable[[Any, str], Any]
     """(tokenizer, chat template) → the processor of the tiny build."""
+    vit: tuple[str, ...] = ("model.visual.",)
+    """The vision encoder (every prefix match not claimed by ``connector``)."""
+    connector: tuple[str, ...] = ("model.visual.merger.",)
+    """Vision → LLM projections (merger; Qwen3-VL's DeepStack mergers too). Checked before ``vit``."""
+    llm: tuple[str, ...] = ("model.language_model.", "lm_head.")
+    """The language model and its output head."""
+    shard_containers: tuple[str, ...] = ("model.visual.blocks", "model.language_model.layers")
+    """Module lists whose every child is one FSDP2 unit (the ViT blocks, the decoder layers)."""
     vision_tokens: tuple[str, ...] = QWEN_VISION_TOKENS
     image_placeholder: str = "<|vision_start|><|image_pad|><|vision_end|>"
     """How one image is written in raw text (MAYE's zero-shot prompt has no chat template)."""

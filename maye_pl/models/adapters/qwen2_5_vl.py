@@ -3,52 +3,25 @@
 from __future__ import annotations
 
 from maye_pl.models.adapters.base import ModelAdapter
-from maye_pl.models.adapters.qwen2_vl import QWEN2_VL_PIXELS, qwen2_text_config, qwen2_vl_processor
+from maye_pl.models.adapters.qwen2_vl import QWEN2_ROPE
+from maye_pl.models.tiny import tiny_qwen_processor, tiny_text_config, tiny_vision_config, tiny_vlm_config
 
 
 def tiny_config(tokenizer):
-    """Text hidden 64 (2 layers, 2 heads of 32: the smallest vLLM's CPU attention accepts), ViT 64."""
+    """Qwen2 text (hidden 64); ViT hidden 64, patch 14, window attention in block 0."""
     from transformers import Qwen2_5_VLConfig
 
-    token_id = tokenizer.convert_tokens_to_ids
-    vision_config = {
-        "depth": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_heads": 2,
-        "out_hidden_size": 64,  # = text hidden size: the merger projects into the LLM
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": [1],
-        "dtype": "float32",
-    }
-    return Qwen2_5_VLConfig(
-        text_config=qwen2_text_config(tokenizer),
-        vision_config=vision_config,
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
+    vision_config = tiny_vision_config(patch_size=14, window_size=112, fullatt_block_indexes=[1])
+    text_config = tiny_text_config(tokenizer, rope_parameters=QWEN2_ROPE)
+    return tiny_vlm_config(Qwen2_5_VLConfig, tokenizer, text_config, vision_config)
 
 
 def tiny_processor(tokenizer, chat_template: str):
     from transformers import Qwen2_5_VLProcessor
 
-    return qwen2_vl_processor(Qwen2_5_VLProcessor, tokenizer, chat_template, QWEN2_VL_PIXELS)
+    return tiny_qwen_processor(Qwen2_5_VLProcessor, tokenizer, chat_template, patch_size=14)
 
 
 ADAPTER = ModelAdapter(
-    family="Qwen2.5-VL",
-    model_type="qwen2_5_vl",
-    vit=("model.visual.",),
-    connector=("model.visual.merger.",),
-    llm=("model.language_model.", "lm_head."),
-    shard_containers=("model.visual.blocks", "model.language_model.layers"),
-    tiny_config=tiny_config,
-    tiny_processor=tiny_processor,
+    family="Qwen2.5-VL", model_type="qwen2_5_vl", tiny_config=tiny_config, tiny_processor=tiny_processor
 )
