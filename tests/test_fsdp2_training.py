@@ -73,7 +73,10 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("family", sorted(DEMO_CONFIGS), indirect=True)  # Qwen3.5: fp32 engine needs a GPU
+# Qwen3-VL's layout differs (DeepStack mergers in the root unit); Qwen2-VL's parts and units are
+# Qwen2.5-VL's and it passes too (`-k qwen2_vl` after adding it here), left out for the suite's time
+# budget; Qwen3.5 has no fp32 CPU engine (ENGINE_FAMILIES).
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"], indirect=True)
 def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir):
     model, config = family_model_dir, DEMO_CONFIGS[family]
     train = _same_problem_split(tmp_path)

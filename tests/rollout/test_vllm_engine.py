@@ -20,6 +20,7 @@ from maye_pl.models.loading import load_policy
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+from conftest import ENGINE_FAMILIES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -43,6 +44,7 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
         )
 
 
+@pytest.mark.parametrize("family", ENGINE_FAMILIES, indirect=True)
 def test_update_streams_bounded_buckets(family_engine, family_model_dir, family_requests, monkeypatch):
     """Every model family: the weights travel in 64 KiB buckets, each parameter once by its HF name,
     and the engine generates as before from the same weights streamed back."""
@@ -112,6 +114,7 @@ _OWNER = textwrap.dedent("""
     import os, sys
     from maye_pl.rollout.base import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+from conftest import ENGINE_FAMILIES
 
     if __name__ == "__main__":
         model_dir, pid_file = sys.argv[1:]

