@@ -34,7 +34,8 @@ from maye_pl.evaluation.step_metrics import (
     rollout_step_metrics,
 )
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
-from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids, vision_token_ids
+from maye_pl.models.adapters import adapter_for
+from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
 from maye_pl.rewards import Judge, RewardTerm, default_rewards, judge_problems, resolve_rewards, score_responses
 from maye_pl.rollout.base import Rollout, SamplingConfig
@@ -145,10 +146,11 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         self.eval_max_tokens = sampling.max_tokens
         self.eval_settings = eval_settings if eval_settings is not None else PAPER_EVAL_SETTINGS()
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards(judge))
+        self.adapter = adapter_for(model_path)  # the model family: an unknown one stops here
         self.processor = load_processor(model_path)
         self.stop_token_ids = stop_token_ids(GenerationConfig.from_pretrained(model_path), self.processor.tokenizer)
         # The engines never sample these (a sampled <|image_pad|> would break the forward).
-        self.banned_token_ids = vision_token_ids(self.processor.tokenizer)
+        self.banned_token_ids = self.adapter.vision_token_ids(self.processor.tokenizer)
         self.policy: torch.nn.Module | None = None
         self.ref_policy: torch.nn.Module | None = None
         self.needs_reference = kl_reward_coef != 0.0 or kl_loss_coef != 0.0
@@ -265,7 +267,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         # Step III.1 - tokens: the trainer re-tokenizes prompt+response itself, cut at the first stop
         # token, so that every later step sees exactly the tokens the engine sampled.
         inputs = build_policy_inputs(
-            self.processor, requests, [r.token_ids for r in rollouts], pad_token_id=self.pad_token_id
+            self.processor, requests, [r.token_ids for r in rollouts], pad_token_id=self.pad_token_id, adapter=self.adapter
         ).to(self.device)
         # The pad id may itself be a stop id (Qwen's <|endoftext|>): keep the length mask too.
         response_ids, stop_mask = rl.truncate_at_stop(inputs.response_ids, self.stop_token_ids, self.pad_token_id)

@@ -28,6 +28,7 @@ from transformers import GenerationConfig
 
 from maye_pl.evaluation import PAPER_EVAL_SETTINGS, EvalSetting
 from maye_pl.evaluation.scheme import PaperEvaluation
+from maye_pl.models.adapters import adapter_for
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
@@ -120,6 +121,7 @@ class SFT(PaperEvaluation, pl.LightningModule):
         self.eval_settings = eval_settings if eval_settings is not None else PAPER_EVAL_SETTINGS()
         self.eval_max_tokens = eval_max_tokens
         self.eval_rollouts: dict[str, list[Rollout]] | None = None
+        self.adapter = adapter_for(model_path)  # the model family: an unknown one stops here
         self.processor = load_processor(model_path)
         tokenizer = self.processor.tokenizer
         # The response ends where the engine would stop: the first stop id (<|im_end|> for Qwen chat).
@@ -191,7 +193,9 @@ class SFT(PaperEvaluation, pl.LightningModule):
         tokenizer = self.processor.tokenizer
         solutions = [tokenizer.encode(sample["solution"], add_special_tokens=False) + [self.stop_token_id]
                      for sample in batch]
-        return build_policy_inputs(self.processor, self.requests(batch), solutions, pad_token_id=self.pad_token_id)
+        return build_policy_inputs(
+            self.processor, self.requests(batch), solutions, pad_token_id=self.pad_token_id, adapter=self.adapter
+        )
 
     def optimizer_step(self, inputs: PolicyInputs) -> dict[str, float]:
         """Steps 2-3 - loss and update: zero, backward per micro-batch, clip, step, scheduler."""

@@ -39,11 +39,14 @@ import torch
 import maye_pl  # noqa: F401  (torchvision shim before transformers and vLLM)
 from bench_logprobs import print_table, ratio
 from maye_pl.data.prompts import render_prompt
+from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.loading import load_policy, load_processor
 from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.rollout.base import RolloutEngine, RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine
+
+PLACEHOLDER = ADAPTERS["qwen2_5_vl"].image_placeholder  # unused by "cot" prompts (the chat template places it)
 
 
 def build_requests(processor, count: int) -> list[RolloutRequest]:
@@ -52,11 +55,11 @@ def build_requests(processor, count: int) -> list[RolloutRequest]:
 
     kinds = [
         lambda i: RolloutRequest(
-            render_prompt(processor, f"<image>What is the area of circle {i}?", "cot"),
+            render_prompt(processor, f"<image>What is the area of circle {i}?", "cot", PLACEHOLDER),
             [Image.new("RGB", (64, 64), (200, 30, 30))],
         ),
         lambda i: RolloutRequest(
-            render_prompt(processor, f"<image>Find angle {i} in the figure.", "cot"),
+            render_prompt(processor, f"<image>Find angle {i} in the figure.", "cot", PLACEHOLDER),
             [Image.new("RGB", (112, 84), (20, 90, 200))],
         ),
         lambda i: RolloutRequest(

@@ -4,7 +4,7 @@
 #   DATA=geo3k MODEL=2.5it bash scripts/train_ppo_vllm_distributed.sh [extra CLI flags]
 #
 #   DATA   geo3k | mmmath                    (configs/geo3k.yaml, configs/mmmath.yaml)
-#   MODEL  2.5it (Qwen2.5-VL-7B-Instruct) | 2it (Qwen2-VL-7B-Instruct)
+#   MODEL  2.5it (Qwen2.5-VL-7B-Instruct) | 2it (Qwen2-VL-7B-Instruct) | 3it (Qwen3-VL-8B-Instruct)
 #   MODEL_DIR  where the HF checkpoints live (default: ./models)
 #
 # Lightning launches the 7 training processes itself (trainer.devices: 7); the RolloutCallback on
@@ -28,7 +28,8 @@ esac
 case "$MODEL" in
   2.5it) model_path="$MODEL_DIR/Qwen2.5-VL-7B-Instruct" ;;
   2it) model_path="$MODEL_DIR/Qwen2-VL-7B-Instruct" ;;
-  *) echo "MODEL=$MODEL: choose 2.5it or 2it" >&2; exit 2 ;;
+  3it) model_path="$MODEL_DIR/Qwen3-VL-8B-Instruct" ;;
+  *) echo "MODEL=$MODEL: choose 2.5it, 2it or 3it" >&2; exit 2 ;;
 esac
 if [ ! -d "$model_path" ]; then
   echo "$model_path is missing: download the checkpoint there or set MODEL_DIR" >&2

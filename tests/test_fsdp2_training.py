@@ -1,6 +1,8 @@
-"""The demo trains under FSDP2Strategy on 2 CPU processes (gloo) exactly as one process does.
+"""The demo trains under FSDP2Strategy on 2 CPU processes (gloo) exactly as one process does, for
+every model family (its demo config: configs/demo.yaml, demo_qwen2_vl.yaml, demo_qwen3_vl.yaml).
 
-Two `python -m maye_pl fit --config configs/demo.yaml` runs over the same global batch:
+Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same global batch (each a
+2-step demo fit through the real vLLM engine):
   - 2 ranks, FSDP2Strategy, 2 prompts per rank (the engine on rank 0 generates for both ranks);
   - 1 process, no sharding, 4 prompts.
 Every training prompt is the same problem (distinct ids), so the data sampler's split of the batch
@@ -41,9 +43,12 @@ def _same_problem_split(tmp_path: Path) -> Path:
     return splits["train"]
 
 
-def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str) -> Path:
+DEMO_CONFIGS = {"qwen2_vl": "demo_qwen2_vl.yaml", "qwen2_5_vl": "demo.yaml", "qwen3_vl": "demo_qwen3_vl.yaml"}
+
+
+def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, config: str = "demo.yaml") -> Path:
     args = [
-        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs/demo.yaml"),
+        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs" / config),
         "--demo_assets", "false",
         "--model.model_path", str(model),
         "--data.train_path", str(train), "--data.val_path", "null", "--data.test_path", "null",
@@ -63,22 +68,26 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str) -> Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
-    run_dir = tmp_path / "runs" / "demo" / name
+    [run_dir] = (tmp_path / "runs").glob(f"*/{name}")  # runs/<the config's logger name>/<name>
     return next((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_two_fsdp2_ranks_equal_one_process(tmp_path):
-    model = ensure_tiny_model(tmp_path / "tiny")
+# Qwen3-VL's layout differs (DeepStack mergers in the root unit); Qwen2-VL's parts and units are
+# Qwen2.5-VL's and it passes too (`-k qwen2_vl` after adding it here), left out for the suite's time
+# budget; Qwen3.5 has no fp32 CPU engine (ENGINE_FAMILIES).
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"], indirect=True)
+def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir):
+    model, config = family_model_dir, DEMO_CONFIGS[family]
     train = _same_problem_split(tmp_path)
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
                    "--trainer.strategy", "fsdp2",
-                   "--data.batch_size", "2", "--model.ppo_batch_size", "4")
+                   "--data.batch_size", "2", "--model.ppo_batch_size", "4", config=config)
     # The two runs use different weight transports: the sharded one broadcasts over the engine's
     # private gloo group (the default), the single one sends safetensors bytes through the pipe.
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8",
-                  "--rollout.weight_transport", "pipe")
+                  "--rollout.weight_transport", "pipe", config=config)
 
     assert sharded.is_dir() and single.is_file()  # a distributed (DCP) checkpoint vs one file
     sharded_weights, _ = read_checkpoint(sharded, "policy.")

@@ -22,6 +22,7 @@ from transformers import AutoProcessor
 from maye_pl.data.jsonl import DatasetError, Sample, load_splits
 from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
 from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from maye_pl.models.adapters import adapter_for
 
 
 class MayeDataset(Dataset):
@@ -54,14 +55,15 @@ class PromptCollator:
     A class rather than a closure so DataLoader workers started with ``spawn`` can pickle it.
     """
 
-    def __init__(self, processor: Any, prompt_style: str):
+    def __init__(self, processor: Any, prompt_style: str, image_placeholder: str):
         self.processor = processor
         self.prompt_style = prompt_style
+        self.image_placeholder = image_placeholder  # the model family's, for raw-text prompts
 
     def __call__(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         batch = []
         for item in items:
-            prompt = render_prompt(self.processor, item["question"], self.prompt_style)
+            prompt = render_prompt(self.processor, item["question"], self.prompt_style, self.image_placeholder)
             count = prompt.count(self.processor.image_token)
             if count != 1:
                 fix = ("remove that token from the question text" if count > 1 else
@@ -168,6 +170,7 @@ class MayeDataModule(L.LightningDataModule):
             )
         splits = load_splits(self.paths)
         self.processor = AutoProcessor.from_pretrained(self.processor_path)
+        self.image_placeholder = adapter_for(self.processor_path).image_placeholder
         self.datasets = {name: MayeDataset(samples[: self.limits[name]], name)
                          for name, samples in splits.items()}
 
@@ -180,7 +183,7 @@ class MayeDataModule(L.LightningDataModule):
         if split not in self.datasets:
             return []  # Lightning runs no loop for an empty list of dataloaders
         return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          collate_fn=PromptCollator(self.processor, self.prompt_style))
+                          collate_fn=PromptCollator(self.processor, self.prompt_style, self.image_placeholder))
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training batches of ``batch_size`` prompts per rank; the incomplete tail is dropped."""
@@ -200,7 +203,7 @@ class MayeDataModule(L.LightningDataModule):
             self._sampler_state_to_load = None
         self.train_sampler = sampler
         return ResumableDataLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
-                                   collate_fn=PromptCollator(self.processor, self.prompt_style))
+                                   collate_fn=PromptCollator(self.processor, self.prompt_style, self.image_placeholder))
 
     def peek_train_batch(self, batches_ahead: int, batches_left_in_epoch: int, next_epoch: bool) -> list[dict] | None:
         """The training batch the loader will hand out ``batches_ahead`` batches after the current

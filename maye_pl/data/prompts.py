@@ -42,9 +42,6 @@ ZERO_SHOT_PREFIX = (
 ZERO_SHOT_SUFFIX = " Assistant:"
 """MAYE's ``ZERO_COT_PROMPT`` after the figure."""
 
-QWEN_VISION_PLACEHOLDER = "<|vision_start|>{image_token}<|vision_end|>"
-"""How Qwen2/2.5-VL mark one image in raw text; MAYE's zero-shot prompt writes it literally."""
-
 PROMPT_STYLES = {"cot": True, "zero_shot": False}
 """Prompt style → whether it is rendered through the processor's chat template."""
 
@@ -86,16 +83,16 @@ def build_messages(question: str, prompt_style: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
-def render_prompt(processor: Any, question: str, prompt_style: str) -> str:
+def render_prompt(processor: Any, question: str, prompt_style: str, image_placeholder: str) -> str:
     """The prompt text for one question, with exactly one image placeholder.
 
     ``"cot"`` goes through ``processor.apply_chat_template(..., add_generation_prompt=True)``;
-    ``"zero_shot"`` joins the message parts as raw text, each image part written as Qwen's
-    vision placeholder around ``processor.image_token`` (MAYE renders it without a template).
+    ``"zero_shot"`` joins the message parts as raw text, each image part written as
+    ``image_placeholder`` (MAYE renders it without a template): the model family's
+    (``ModelAdapter.image_placeholder``, e.g. ``<|vision_start|><|image_pad|><|vision_end|>``).
     """
     messages = build_messages(question, prompt_style)
     if PROMPT_STYLES[prompt_style]:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    image_text = QWEN_VISION_PLACEHOLDER.format(image_token=processor.image_token)
     parts = messages[0]["content"]
-    return "".join(image_text if part["type"] == "image" else part["text"] for part in parts)
+    return "".join(image_placeholder if part["type"] == "image" else part["text"] for part in parts)

@@ -1,19 +1,17 @@
-"""Policy models: the tiny random Qwen2.5-VL builder, loading and freezing, the trainer forward."""
+"""Policy models: one adapter per family, the tiny random builds, loading and freezing, the trainer forward."""
 
+from maye_pl.models.adapters import ADAPTERS, ModelAdapter, adapter_for
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
-from maye_pl.models.loading import (
-    freeze_modules,
-    load_policy,
-    load_processor,
-    stop_token_ids,
-    vision_token_ids,
-)
-from maye_pl.models.tiny import build_tiny_qwen2_5_vl, ensure_tiny_model
+from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
+from maye_pl.models.tiny import build_tiny_model, ensure_tiny_model
 
 __all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
     "PolicyInputs",
+    "adapter_for",
     "build_policy_inputs",
-    "build_tiny_qwen2_5_vl",
+    "build_tiny_model",
     "ensure_tiny_model",
     "freeze_modules",
     "load_policy",
@@ -21,5 +19,4 @@ __all__ = [
     "response_logprobs",
     "select_rows",
     "stop_token_ids",
-    "vision_token_ids",
 ]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
+from maye_pl.models.adapters import ModelAdapter
 from maye_pl.rl.logprobs import token_entropy, token_logprobs
 from maye_pl.rollout.base import RolloutRequest
 
@@ -39,9 +40,7 @@ class PolicyInputs:
     attention_mask: Tensor
     """(N, P+T) long: 1 on prompt and response tokens, 0 on padding."""
     mm_token_type_ids: Tensor
-    """(N, P+T) long: 0 text, 1 image, 2 video. transformers 5's Qwen2-VL family derives the
-    M-RoPE positions of image tokens from it; without it image tokens get 1-D positions and the
-    logits silently differ from the engine's."""
+    """(N, P+T) long: 0 text, 1 image, 2 video (the processor's; the adapter passes it on)."""
     pixel_values: Tensor | None
     """(sum over images of t*h*w patches, C*temporal*patch*patch) float, images in row order."""
     image_grid_thw: Tensor | None
@@ -54,6 +53,8 @@ class PolicyInputs:
     """(N, T) bool: True on real response tokens."""
     prompt_length: int
     """P: the response starts at this column of ``input_ids``."""
+    adapter: ModelAdapter
+    """The model family's adapter: which of these the forward takes, and pixel rows per image."""
 
     @property
     def num_rows(self) -> int:
@@ -68,14 +69,6 @@ class PolicyInputs:
             for f in fields(self)
         }
         return PolicyInputs(**moved)
-
-
-def _vision_token_ids(processor) -> set[int]:
-    tokenizer = processor.tokenizer
-    return {
-        tokenizer.convert_tokens_to_ids(processor.image_token),
-        tokenizer.convert_tokens_to_ids(processor.video_token),
-    }
 
 
 def _encode_prompt(processor, request: RolloutRequest) -> dict[str, Tensor]:
@@ -94,6 +87,8 @@ def build_policy_inputs(
     requests: Sequence[RolloutRequest],
     response_ids: Sequence[Sequence[int]],
     pad_token_id: int,
+    *,
+    adapter: ModelAdapter,
 ) -> PolicyInputs:
     """Batch N (request, response) rows for the policy forward.
 
@@ -103,6 +98,8 @@ def build_policy_inputs(
             the same object are tokenized once.
         response_ids: (N,) lists of sampled token ids (T_i,), stop token included if sampled.
         pad_token_id: id written into padding (masked out; any valid id works).
+        adapter: the model family's (``adapter_for(model_path)``): its vision tokens may not
+            appear in a response, and it slices and feeds the vision inputs.
 
     Returns:
         ``PolicyInputs`` with prompts left-padded to P and responses right-padded to T.
@@ -112,7 +109,7 @@ def build_policy_inputs(
             f"build_policy_inputs: {len(requests)} requests but {len(response_ids)} responses; "
             "pass one request per response row (repeat a request G times for its G samples)."
         )
-    vision_ids = _vision_token_ids(processor)
+    vision_ids = set(adapter.vision_token_ids(processor.tokenizer))
     for row, ids in enumerate(response_ids):
         if bad := vision_ids.intersection(ids):
             raise ValueError(
@@ -160,14 +157,15 @@ def build_policy_inputs(
         response_ids=input_ids[:, P:].clone(),  # (N, T)
         response_mask=response_mask,
         prompt_length=P,
+        adapter=adapter,
     )
 
 
 def select_rows(inputs: PolicyInputs, rows: slice | Sequence[int] | Tensor) -> PolicyInputs:
     """The sub-batch of ``rows`` (a minibatch or a forward chunk), vision tensors re-sliced.
 
-    ``pixel_values`` rows belong to images through ``image_grid_thw`` (t*h*w patches per image)
-    and images to rows through ``images_per_row``.
+    ``pixel_values`` rows belong to images through ``image_grid_thw`` (the adapter's patches per
+    image) and images to rows through ``images_per_row``.
     """
     index = (
         torch.arange(inputs.num_rows)[rows] if not isinstance(rows, Tensor) else rows.long().cpu()
@@ -183,7 +181,7 @@ def select_rows(inputs: PolicyInputs, rows: slice | Sequence[int] | Tensor) -> P
             ]
             or [torch.zeros(0, dtype=torch.long)]
         )
-        patches = inputs.image_grid_thw.prod(-1)  # (I,)
+        patches = inputs.adapter.patches_per_image(inputs.image_grid_thw)  # (I,)
         patch_start = torch.cumsum(patches, 0) - patches  # (I,)
         patch_index = torch.cat(
             [
@@ -255,9 +253,7 @@ def _chunk_scores(
         position_ids=position_ids,
         input_ids=trimmed.input_ids,
         attention_mask=trimmed.attention_mask,
-        mm_token_type_ids=trimmed.mm_token_type_ids,
-        pixel_values=trimmed.pixel_values,
-        image_grid_thw=trimmed.image_grid_thw,
+        **trimmed.adapter.forward_kwargs(trimmed),
         use_cache=False,
         logits_to_keep=t + 1,  # the lm_head runs on the response positions only
     )

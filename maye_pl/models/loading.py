@@ -1,12 +1,13 @@
 """Loading a vision-language policy, freezing its parts, and the token ids generation must respect.
 
-Qwen2-VL and Qwen2.5-VL in transformers 5 share one layout, which ``freeze_modules`` relies on::
+Which parameters are the ViT, the connector and the LLM is the family adapter's
+(``maye_pl.models.adapters``), e.g. Qwen3-VL::
 
-    Qwen2_5_VLForConditionalGeneration
-      model.visual            the ViT: patch_embed, blocks (+ parameter-free rotary_pos_emb)
-        model.visual.merger   the connector: 2x2 patch merge + MLP into the LLM's hidden size
-      model.language_model    the LLM decoder
-      lm_head                 the LLM's output projection
+    Qwen3VLForConditionalGeneration
+      model.visual                            ViT: patch_embed, pos_embed, blocks
+        model.visual.merger                   connector: 2x2 patch merge + MLP into the LLM
+        model.visual.deepstack_merger_list.N  connector: DeepStack mergers into the first LLM layers
+      model.language_model, lm_head           LLM
 """
 
 from __future__ import annotations
@@ -16,18 +17,10 @@ import os
 import torch
 from torch import nn
 
-# The dtypes a policy may be loaded in, by the names configs use.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from maye_pl.models.adapters import adapter_for
 
-# Qwen-VL tokens that only the processor may place: a sampled one makes the trainer's forward fail
-# ("Image features and image tokens do not match") or re-reads an image that is not there.
-VISION_SPECIAL_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The dtypes a policy, the engine or FSDP2 compute in, by the names configs and command lines use."""
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,31 +110,11 @@ def load_processor(path: str | os.PathLike):
     return AutoProcessor.from_pretrained(path)
 
 
-def _parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Split the parameters into vit / connector / llm (see the module docstring for the layout)."""
-    inner = getattr(model, "model", None)
-    visual = getattr(inner, "visual", None)
-    connector = getattr(visual, "merger", None)
-    language_model = getattr(inner, "language_model", None)
-    lm_head = getattr(model, "lm_head", None)
-    if visual is None or connector is None or language_model is None or lm_head is None:
-        raise TypeError(
-            f"freeze_modules: {type(model).__name__} lacks the Qwen-VL layout model.visual, "
-            "model.visual.merger, model.language_model, lm_head; freeze its parameters by name "
-            "instead, or load a Qwen2-VL / Qwen2.5-VL checkpoint."
-        )
-    connector_ids = {id(p) for p in connector.parameters()}
-    return {
-        "vit": [p for p in visual.parameters() if id(p) not in connector_ids],
-        "connector": list(connector.parameters()),
-        "llm": [*language_model.parameters(), *lm_head.parameters()],
-    }
-
-
 def freeze_modules(
     model: nn.Module, *, train_vit: bool, train_connector: bool, train_llm: bool
 ) -> dict[str, int]:
-    """Set ``requires_grad`` per part: ViT, connector (``visual.merger``), LLM (+ ``lm_head``).
+    """Set ``requires_grad`` per part: ViT, connector, LLM (+ ``lm_head``), as the model's adapter
+    splits them (``ModelAdapter.parts``; Qwen3-VL's DeepStack mergers are connector).
 
     MAYE trains the LLM only (ViT and connector frozen).
 
@@ -154,7 +127,7 @@ def freeze_modules(
             "would train; set at least one to True (MAYE trains the LLM only: train_llm=True)."
         )
     wanted = {"vit": train_vit, "connector": train_connector, "llm": train_llm}
-    parts = _parts(model)
+    parts = adapter_for(model).parts(model)
     for name, params in parts.items():
         for param in params:
             param.requires_grad_(wanted[name])
@@ -185,9 +158,3 @@ def stop_token_ids(generation_config, tokenizer) -> list[int]:
             "eos_token is set; set eos_token_id in the checkpoint's generation_config.json."
         )
     return ids
-
-
-def vision_token_ids(tokenizer) -> list[int]:
-    """Ids of the vision special tokens this tokenizer has (``VISION_SPECIAL_TOKENS``)."""
-    vocab = tokenizer.get_vocab()
-    return [vocab[token] for token in VISION_SPECIAL_TOKENS if token in vocab]

@@ -1,10 +1,11 @@
-"""A tiny random Qwen2.5-VL for CPU runs and tests: no hub, no download, same bytes from a seed.
+"""Tiny random VLMs for CPU runs and tests: no hub, no download, same bytes from a seed.
 
-The directory it writes is a real Qwen2.5-VL checkpoint in miniature: ``config.json``, fp32
-safetensors weights, a byte-level BPE tokenizer with Qwen's special tokens and chat template, and
-an image processor whose pixel bounds turn a 64-112 px image into 4-16 vision tokens. Both
-transformers (``Qwen2_5_VLForConditionalGeneration`` + ``AutoProcessor``) and vLLM load it, so the
-whole pipeline (engine, trainer forward, weight sync) runs on the real code paths in seconds.
+The directory it writes is a real checkpoint of the family in miniature (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL: the family's adapter gives config and processor): ``config.json``, fp32 safetensors
+weights, a byte-level BPE tokenizer with Qwen's special tokens and chat template, and an image
+processor whose pixel bounds turn a 64-112 px image into 4-16 vision tokens. Both transformers
+(``AutoModelForImageTextToText`` + ``AutoProcessor``) and vLLM load it, so the whole pipeline
+(engine, trainer forward, weight sync) runs on the real code paths in seconds.
 
 Sizes are chosen for vLLM's CPU backend: its attention kernels accept head sizes that are
 multiples of 32 (``CPUAttentionBackend.get_supported_head_sizes``), so text and vision heads are
@@ -86,11 +87,6 @@ The probability of drawing a red ball is the number of red balls divided by the 
 
 _BPE_VOCAB_SIZE = 256 + 512  # byte alphabet + at most 512 merges (the corpus yields a few hundred)
 
-# Pixel bounds: a multiple of (patch 14 * merge 2)^2 = 784 pixels per vision token.
-_MIN_PIXELS = 56 * 56  # 4 tokens: a 64 px image resizes to 56 x 56
-_MAX_PIXELS = 112 * 112  # 16 tokens at most
-
-
 def _train_tokenizer():
     """Byte-level BPE over ``_CORPUS`` with Qwen2's pre-tokenizer, wrapped as a Qwen2Tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -129,21 +125,23 @@ def _train_tokenizer():
     )
 
 
-def _tiny_config(tokenizer):
-    from transformers import Qwen2_5_VLConfig
+DEFAULT_TINY_MODEL_TYPE = "qwen2_5_vl"
+"""The family of the demo and of the test suite's shared engine (MAYE's Qwen2.5-VL)."""
 
+
+def tiny_text_config(tokenizer, **family: object) -> dict:
+    """The LLM part of a tiny config: 2 layers, 2 heads of 32 (the smallest head vLLM's CPU
+    attention accepts), 1 KV head, hidden 64; ``family`` adds or overrides keys."""
     token_id = tokenizer.convert_tokens_to_ids
-    text_config = {
+    return {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
-        "num_attention_heads": 2,  # head size 32: the smallest vLLM's CPU attention accepts
+        "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
-        # M-RoPE splits the 16 rotary frequencies of a 32-wide head over (time, height, width).
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
         # Wider than Qwen's 0.02 so a random model's next-token distribution is peaked enough for
         # greedy decoding to be unambiguous across engines (tiny fp32 differences cannot flip it).
         "initializer_range": 0.1,
@@ -151,21 +149,30 @@ def _tiny_config(tokenizer):
         "eos_token_id": token_id("<|im_end|>"),
         "pad_token_id": token_id("<|endoftext|>"),
         "dtype": "float32",
+        **family,
     }
-    vision_config = {
+
+
+def tiny_vision_config(**family: object) -> dict:
+    """The ViT part of a tiny config: depth 2, hidden 64 (2 heads of 32), 2x2 merge into the
+    LLM's hidden 64; ``family`` adds or overrides keys (patch size, merger width ...)."""
+    return {
         "depth": 2,
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_heads": 2,
-        "out_hidden_size": 64,  # = text hidden size: the merger projects into the LLM
-        "patch_size": 14,
+        "out_hidden_size": 64,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
-        "window_size": 112,
-        "fullatt_block_indexes": [1],
         "dtype": "float32",
+        **family,
     }
-    return Qwen2_5_VLConfig(
+
+
+def tiny_vlm_config(config_class, tokenizer, text_config: dict, vision_config: dict):
+    """A Qwen-style VLM config: the two parts, the vision token ids from the tokenizer, fp32, untied."""
+    token_id = tokenizer.convert_tokens_to_ids
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=token_id("<|image_pad|>"),
@@ -177,29 +184,55 @@ def _tiny_config(tokenizer):
     )
 
 
-def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2.5-VL checkpoint to ``out_dir`` and return its path.
+def tiny_qwen_processor(processor_class, tokenizer, chat_template: str, patch_size: int):
+    """A Qwen-VL processor whose pixel bounds make 4 vision tokens of a 64 px image and at most 16.
+
+    One token covers (patch * merge 2)^2 pixels: min 4 and max 16 tokens' worth, so a 64 px image
+    resizes to 56 x 56 at patch 14 (stays 64 x 64 at patch 16).
+    """
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    side = 2 * patch_size
+    pixels = {"min_pixels": 4 * side * side, "max_pixels": 16 * side * side, "patch_size": patch_size}
+    return processor_class(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+    )
+
+
+def tiny_model_type(path: str | os.PathLike) -> str:
+    """The family a tiny-model directory's name asks for: the model type it ends with, written
+    with ``-``, ``.`` or ``_`` (``.cache/tiny-qwen3-vl`` → "qwen3_vl"); else the default family."""
+    from maye_pl.models.adapters import ADAPTERS
+
+    name = Path(path).name.lower().replace("-", "_").replace(".", "_")
+    return next((t for t in ADAPTERS if name.endswith(t)), DEFAULT_TINY_MODEL_TYPE)
+
+
+def build_tiny_model(out_dir: str | os.PathLike, model_type: str = DEFAULT_TINY_MODEL_TYPE, seed: int = 0) -> Path:
+    """Write a tiny random checkpoint of the ``model_type`` family to ``out_dir``; return its path.
 
     Deterministic: the same seed gives the same bytes (weights, tokenizer, configs) on the same
     library versions. The generation config lists ``eos_token_id = [<|im_end|>, <|endoftext|>]``
     like Qwen's and carries no sampling defaults (Qwen's top_k=1, repetition_penalty=1.05 ...),
     which ``generate()`` and vLLM would otherwise take as defaults.
     """
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
+    from maye_pl.models.adapters import ADAPTERS
+
+    if model_type not in ADAPTERS:
+        raise ValueError(f"build_tiny_model: model_type={model_type!r} is not one of {sorted(ADAPTERS)}.")
+    adapter = ADAPTERS[model_type]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
-    config = _tiny_config(tokenizer)
+    config = adapter.tiny_config(tokenizer)
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = AutoModelForImageTextToText.from_config(config).to(torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         pad_token_id=config.text_config.pad_token_id,
@@ -209,23 +242,17 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         ],
     )
     model.save_pretrained(out)
-
-    pixel_bounds = {"min_pixels": _MIN_PIXELS, "max_pixels": _MAX_PIXELS}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixel_bounds),
-        video_processor=Qwen2VLVideoProcessor(**pixel_bounds),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    adapter.tiny_processor(tokenizer, CHAT_TEMPLATE).save_pretrained(out)
     # vLLM and AutoTokenizer read the template from the tokenizer files as well.
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     return out
 
 
-def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Return ``path``, building the tiny model there first if it does not exist yet.
+def ensure_tiny_model(
+    path: str | os.PathLike, model_type: str = DEFAULT_TINY_MODEL_TYPE, seed: int = 0
+) -> Path:
+    """Return ``path``, building the tiny ``model_type`` model there first if it does not exist yet.
 
     The build goes to a temporary sibling directory that is renamed into place, so a killed
     build never leaves a half-written model, and concurrent callers end with one complete copy.
@@ -236,7 +263,7 @@ def ensure_tiny_model(path: str | os.PathLike, seed: int = 0) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        build_tiny_qwen2_5_vl(staging, seed=seed)
+        build_tiny_model(staging, model_type, seed=seed)
         try:
             staging.rename(target)
         except OSError:

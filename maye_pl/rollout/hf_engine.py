@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from maye_pl.models.loading import stop_token_ids, vision_token_ids
+from maye_pl.models.adapters import adapter_for
+from maye_pl.models.loading import stop_token_ids
 from maye_pl.rollout.base import NamedTensors, ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 from maye_pl.rollout.seeds import sampling_seed
 
@@ -33,7 +34,7 @@ class HFEngine:
         self.processor = processor
         tokenizer = processor.tokenizer
         self.stop_ids = stop_token_ids(getattr(model, "generation_config", None), tokenizer)
-        self.banned_ids = vision_token_ids(tokenizer)
+        self.banned_ids = adapter_for(model).vision_token_ids(tokenizer)
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         )

@@ -615,7 +615,7 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
         except OSError:  # no generation_config.json: the tokenizer's eos only
             generation_config = None
         stop_ids = stop_token_ids(generation_config, tokenizer)
-        banned = _vision_bad_words(tokenizer)
+        banned = _vision_bad_words(tokenizer, engine_args["model"])
     except BaseException:
         conn.send((_START_REQUEST_ID, "error", traceback.format_exc()))
         return
@@ -651,12 +651,12 @@ def _host_main(conn, engine_args: dict[str, Any], env: dict[str, str], parent_pi
     os._exit(0)
 
 
-def _vision_bad_words(tokenizer) -> list[str]:
-    """The vision special tokens as vLLM ``bad_words``, each checked to encode as its single id."""
-    from maye_pl.models.loading import VISION_SPECIAL_TOKENS
+def _vision_bad_words(tokenizer, model_path: str) -> list[str]:
+    """The model family's vision special tokens as vLLM ``bad_words``, each checked to encode as its single id."""
+    from maye_pl.models.adapters import adapter_for
 
     vocab = tokenizer.get_vocab()
-    words = [token for token in VISION_SPECIAL_TOKENS if token in vocab]
+    words = [token for token in adapter_for(model_path).vision_tokens if token in vocab]
     for word in words:
         if tokenizer.encode(word, add_special_tokens=False) != [vocab[word]]:
             raise ValueError(

@@ -5,8 +5,8 @@ The LightningModule only builds its HF models (``policy``, optionally a frozen `
 this strategy finds every HF ``PreTrainedModel`` attribute of the module and, per model:
 
 1. wraps each transformer block in activation checkpointing (if enabled);
-2. ``fully_shard``s each block (the classes HF lists in ``_no_split_modules``: decoder layers and
-   vision blocks), the input and output embeddings (if untied), then the model root;
+2. ``fully_shard``s each block (the model family's adapter names them: vision blocks and decoder
+   layers), the input and output embeddings (if untied), then the model root;
 3. allocates the local shards of a meta-device model and loads the checkpoint from
    ``model.name_or_path``, rank 0 reading and broadcasting (``load_pretrained_weights``).
 
@@ -38,7 +38,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import PreTrainedModel
 from typing_extensions import override
 
-from maye_pl.strategies.loading import DTYPES, has_meta_tensors, load_pretrained_weights
+from maye_pl.models.adapters import adapter_for
+from maye_pl.models.loading import DTYPES
+from maye_pl.strategies.loading import has_meta_tensors, load_pretrained_weights
 
 DtypeName = Literal["bfloat16", "float16", "float32"]
 
@@ -49,16 +51,6 @@ HF_PATHS_KEY = "hf_pretrained_paths"
 def hf_models(module: nn.Module) -> list[tuple[str, PreTrainedModel]]:
     """The HF models that are direct attributes of ``module`` (e.g. ``policy``, ``ref_policy``)."""
     return [(name, child) for name, child in module.named_children() if isinstance(child, PreTrainedModel)]
-
-
-def block_class_names(model: PreTrainedModel) -> set[str]:
-    """Class names HF says must not be split across devices: one FSDP unit each."""
-    return {
-        name
-        for sub in model.modules()
-        if isinstance(sub, PreTrainedModel)
-        for name in (sub._no_split_modules or ())  # noqa: SLF001  # HF's own sharding hint
-    }
 
 
 def shard_hf_model(
@@ -81,15 +73,9 @@ def shard_hf_model(
         "mp_policy": mp_policy or MixedPrecisionPolicy(),
         "offload_policy": offload_policy or OffloadPolicy(),
     }
-    classes = block_class_names(model)
-    blocks = [(name, sub) for name, sub in model.named_modules() if type(sub).__name__ in classes]
-    if not blocks:
-        raise ValueError(
-            f"shard_hf_model: {type(model).__name__} has no submodule of its _no_split_modules classes"
-            f" {sorted(classes)}; FSDP2Strategy shards HF transformers whose blocks HF lists there."
-        )
+    blocks = adapter_for(model).shard_units(model)  # the ViT blocks and decoder layers
     units = []
-    for name, block in reversed(blocks):  # innermost first, should a block class nest in another
+    for name, block in reversed(blocks):
         if activation_checkpointing:
             # Wrap before sharding, so FSDP's all-gather hooks sit outside the recomputed region.
             parent_name, _, child_name = name.rpartition(".")

@@ -18,8 +18,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-"""The dtype names configs and command lines use."""
+from maye_pl.models.loading import DTYPES
 
 
 def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:

@@ -35,10 +35,10 @@ def test_unknown_style_names_the_config_key():
 
 
 def test_rendered_prompts_hold_one_vision_placeholder(tiny_processor):
-    cot = render_prompt(tiny_processor, QUESTION, "cot")
+    cot = render_prompt(tiny_processor, QUESTION, "cot", VISION)
     assert cot.endswith("<|im_start|>assistant\n")
     assert f"user\n{VISION}Find the area" in cot
-    zero = render_prompt(tiny_processor, QUESTION, "zero_shot")
+    zero = render_prompt(tiny_processor, QUESTION, "zero_shot", VISION)
     assert zero.endswith(f"in the figure. {VISION} Assistant:")
     assert "<|im_start|>" not in zero  # MAYE renders it without the chat template
     for prompt in (cot, zero):

@@ -1,5 +1,6 @@
-"""The trainer-side forward: padding layout, response logprobs equal an unpadded per-row forward,
-chunking and row selection change nothing, and M-RoPE needs ``mm_token_type_ids``."""
+"""The trainer-side forward, for every model family: padding layout, response logprobs equal an
+unpadded per-row forward, chunking and row selection (vision inputs re-sliced through the family's
+adapter) change nothing, and M-RoPE needs ``mm_token_type_ids``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.forward import build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import load_policy
 from maye_pl.rollout.base import RolloutRequest
@@ -15,8 +17,13 @@ TEMPERATURE = 0.7
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir).eval()
+def policy(family_model_dir):
+    return load_policy(family_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def adapter(family):
+    return ADAPTERS[family]
 
 
 def _chat(processor, question: str, with_image: bool) -> str:
@@ -27,15 +34,15 @@ def _chat(processor, question: str, with_image: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def rows(tiny_processor):
+def rows(family_processor):
     """Five rows: an image prompt x2 samples, a text-only prompt x2, a larger image prompt x1."""
     square = RolloutRequest(
-        _chat(tiny_processor, "What is the area?", True),
+        _chat(family_processor, "What is the area?", True),
         [Image.new("RGB", (64, 64), (200, 10, 10))],
     )
-    text = RolloutRequest(_chat(tiny_processor, "Solve for x: 3x + 7 = 22, then check it.", False))
+    text = RolloutRequest(_chat(family_processor, "Solve for x: 3x + 7 = 22, then check it.", False))
     wide = RolloutRequest(
-        _chat(tiny_processor, "Angle?", True), [Image.new("RGB", (112, 84), (0, 100, 10))]
+        _chat(family_processor, "Angle?", True), [Image.new("RGB", (112, 84), (0, 100, 10))]
     )
     requests = [square, square, text, text, wide]
     responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14], [15, 16, 17, 18, 19, 20]]
@@ -56,14 +63,15 @@ def _reference_logprobs(model, processor, request, response, *, with_mm_types=Tr
     return torch.log_softmax(logits, -1).gather(-1, ids.T)[:, 0]
 
 
-def test_layout_left_pads_prompts_and_right_pads_responses(tiny_processor, rows):
+def test_layout_left_pads_prompts_and_right_pads_responses(family_processor, rows, adapter):
     requests, responses = rows
-    pad = tiny_processor.tokenizer.pad_token_id
-    inputs = build_policy_inputs(tiny_processor, requests, responses, pad)
+    pad = family_processor.tokenizer.pad_token_id
+    inputs = build_policy_inputs(family_processor, requests, responses, pad, adapter=adapter)
     P, T = inputs.prompt_length, 6
     assert inputs.input_ids.shape == (5, P + T) and inputs.response_ids.shape == (5, T)
     assert inputs.images_per_row.tolist() == [1, 1, 0, 0, 1]
-    # 64x64 -> 56x56 -> 4x4 patches of 14 px; 112 wide x 84 high -> 6 rows x 8 columns.
+    # Patch 14 (Qwen2/2.5-VL): 64x64 -> 56x56 -> 4x4 patches; 112 wide x 84 high -> 6 rows x 8 columns.
+    # Patch 16 (Qwen3-VL): 64x64 -> 4x4 patches; 112x84 -> 128x96 (multiples of 32) -> 6 x 8.
     assert inputs.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 4], [1, 6, 8]]
     assert inputs.pixel_values.shape[0] == 16 + 16 + 48
     for n, response in enumerate(responses):
@@ -72,24 +80,24 @@ def test_layout_left_pads_prompts_and_right_pads_responses(tiny_processor, rows)
             T - len(response)
         )
         assert inputs.attention_mask[n, P:].tolist() == inputs.response_mask[n].long().tolist()
-        prompt = tiny_processor(text=[requests[n].prompt], images=requests[n].images or None)[
+        prompt = family_processor(text=[requests[n].prompt], images=requests[n].images or None)[
             "input_ids"
         ][0]
         assert inputs.input_ids[n, P - len(prompt) : P].tolist() == list(prompt)
         assert inputs.attention_mask[n, : P - len(prompt)].sum() == 0  # left padding
-    image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    image_pad = family_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert torch.equal(inputs.mm_token_type_ids == 1, inputs.input_ids == image_pad)
 
 
-def test_logprobs_match_unpadded_rows_for_any_chunking(policy, tiny_processor, rows):
+def test_logprobs_match_unpadded_rows_for_any_chunking(policy, family_processor, rows, adapter):
     requests, responses = rows
     inputs = build_policy_inputs(
-        tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id
+        family_processor, requests, responses, family_processor.tokenizer.pad_token_id, adapter=adapter
     )
     with torch.no_grad():
         whole = response_logprobs(policy, inputs, temperature=TEMPERATURE)
         for n, (request, response) in enumerate(zip(requests, responses)):
-            reference = _reference_logprobs(policy, tiny_processor, request, response)
+            reference = _reference_logprobs(policy, family_processor, request, response)
             torch.testing.assert_close(whole[n, : len(response)], reference, atol=1e-5, rtol=0)
             assert whole[n, len(response) :].abs().sum() == 0
         for forward_batch_size in (1, 2, 4):
@@ -99,29 +107,38 @@ def test_logprobs_match_unpadded_rows_for_any_chunking(policy, tiny_processor, r
             torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 
-def test_mm_token_type_ids_are_needed_for_image_rows(policy, tiny_processor, rows):
+# Without mm_token_type_ids, transformers 5.19's Qwen2-VL, Qwen3-VL and Qwen3.5 refuse image rows;
+# Qwen2.5-VL silently gives image tokens 1-D positions (other logits than the engine's).
+REFUSES_IMAGE_ROWS_WITHOUT_TYPES = {"qwen2_vl", "qwen3_vl", "qwen3_5"}
+
+
+def test_mm_token_type_ids_are_needed_for_image_rows(family, policy, family_processor, rows):
     requests, responses = rows
     with torch.no_grad():
-        with_types = _reference_logprobs(policy, tiny_processor, requests[0], responses[0])
-        without = _reference_logprobs(
-            policy, tiny_processor, requests[0], responses[0], with_mm_types=False
-        )
-        text_with = _reference_logprobs(policy, tiny_processor, requests[2], responses[2])
+        with_types = _reference_logprobs(policy, family_processor, requests[0], responses[0])
+        if family in REFUSES_IMAGE_ROWS_WITHOUT_TYPES:
+            with pytest.raises(ValueError, match="`mm_token_type_ids` is missing"):
+                _reference_logprobs(policy, family_processor, requests[0], responses[0], with_mm_types=False)
+        else:
+            without = _reference_logprobs(
+                policy, family_processor, requests[0], responses[0], with_mm_types=False
+            )
+            assert (with_types - without).abs().max() > 1e-2  # 1-D positions for image tokens
+        text_with = _reference_logprobs(policy, family_processor, requests[2], responses[2])
         text_without = _reference_logprobs(
-            policy, tiny_processor, requests[2], responses[2], with_mm_types=False
+            policy, family_processor, requests[2], responses[2], with_mm_types=False
         )
-    assert (with_types - without).abs().max() > 1e-2  # 1-D positions for image tokens: other logits
     torch.testing.assert_close(text_with, text_without)  # text-only rows do not care
 
 
-def test_select_rows_reslices_vision_inputs(policy, tiny_processor, rows):
+def test_select_rows_reslices_vision_inputs(policy, family_processor, rows, adapter):
     requests, responses = rows
-    pad = tiny_processor.tokenizer.pad_token_id
-    inputs = build_policy_inputs(tiny_processor, requests, responses, pad)
+    pad = family_processor.tokenizer.pad_token_id
+    inputs = build_policy_inputs(family_processor, requests, responses, pad, adapter=adapter)
     picked = [4, 2, 0]
     subset = select_rows(inputs, picked)
     direct = build_policy_inputs(
-        tiny_processor, [requests[i] for i in picked], [responses[i] for i in picked], pad
+        family_processor, [requests[i] for i in picked], [responses[i] for i in picked], pad, adapter=adapter
     )
     assert torch.equal(subset.pixel_values, direct.pixel_values)
     assert torch.equal(subset.image_grid_thw, direct.image_grid_thw)
@@ -144,10 +161,10 @@ def test_select_rows_reslices_vision_inputs(policy, tiny_processor, rows):
         )
 
 
-def test_gradients_are_finite_and_entropy_is_masked(policy, tiny_processor, rows):
+def test_gradients_are_finite_and_entropy_is_masked(policy, family_processor, rows, adapter):
     requests, responses = rows
     inputs = build_policy_inputs(
-        tiny_processor, requests, responses, tiny_processor.tokenizer.pad_token_id
+        family_processor, requests, responses, family_processor.tokenizer.pad_token_id, adapter=adapter
     )
     policy.zero_grad()
     logprobs, entropy = response_logprobs(
@@ -164,13 +181,13 @@ def test_gradients_are_finite_and_entropy_is_masked(policy, tiny_processor, rows
     policy.zero_grad()
 
 
-def test_rejects_vision_tokens_in_responses_and_mismatched_lengths(tiny_processor, rows):
+def test_rejects_vision_tokens_in_responses_and_mismatched_lengths(family_processor, rows, adapter):
     requests, responses = rows
-    pad = tiny_processor.tokenizer.pad_token_id
-    image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    pad = family_processor.tokenizer.pad_token_id
+    image_pad = family_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     with pytest.raises(
         ValueError, match=r"response row 1 contains vision placeholder token id\(s\) \[\d+\]"
     ):
-        build_policy_inputs(tiny_processor, requests[:2], [[5], [6, image_pad]], pad)
+        build_policy_inputs(family_processor, requests[:2], [[5], [6, image_pad]], pad, adapter=adapter)
     with pytest.raises(ValueError, match="2 requests but 1 responses"):
-        build_policy_inputs(tiny_processor, requests[:2], [[5]], pad)
+        build_policy_inputs(family_processor, requests[:2], [[5]], pad, adapter=adapter)

