@@ -27,6 +27,7 @@ from maye_pl.evaluation import (
     EvalSetting,
 )
 from maye_pl.evaluation.scheme import PaperEvaluation
+from maye_pl.hparams import reinforce_pp_problems
 from maye_pl.evaluation.step_metrics import (
     average_stats,
     log_reflective_sample,
@@ -42,6 +43,7 @@ from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory, engine_logprobs
+
 
 class ReinforcePP(PaperEvaluation, pl.LightningModule):
     """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
@@ -160,35 +162,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         self.generation_step = 0
 
     def _validate_args(self) -> None:
-        hp = self.hparams
-        problems = []
-        if hp.ppo_batch_size % hp.gradient_accumulation_steps:
-            problems.append(
-                f"`model.gradient_accumulation_steps`={hp.gradient_accumulation_steps} must divide "
-                f"`model.ppo_batch_size`={hp.ppo_batch_size}; pick a divisor."
-            )
-        if hp.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
-            problems.append(
-                f"`model.advantage_estimator`={hp.advantage_estimator!r} is unknown; "
-                f"choose one of {sorted(rl.ADVANTAGE_ESTIMATORS)}."
-            )
-        if hp.advantage_estimator in ("reinforce_pp_baseline", "grpo") and hp.sampling.n < 2:
-            problems.append(
-                f"`model.advantage_estimator`={hp.advantage_estimator!r} compares samples of the same "
-                f"prompt, but `model.sampling.n`={hp.sampling.n}; set it to 2 or more."
-            )
-        if hp.loss_agg not in rl.LOSS_AGGREGATIONS:
-            problems.append(f"`model.loss_agg`={hp.loss_agg!r} must be one of {sorted(rl.LOSS_AGGREGATIONS)}.")
-        if not (hp.train_vit or hp.train_connector or hp.train_llm):
-            problems.append("`model.train_vit`, `train_connector` and `train_llm` are all false; nothing would train.")
-        if hp.behaviour_weight_cap <= 0:
-            problems.append(f"`model.behaviour_weight_cap`={hp.behaviour_weight_cap} must be > 0 (the largest importance weight).")
-        if hp.off_policy_correction and not hp.sampling.logprobs:
-            problems.append("`model.off_policy_correction` needs the engine's log-probs; set `model.sampling.logprobs` true.")
-        for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
-            if hp[name] < 1:
-                problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
-        problems += optimizer_problems(hp) + judge_problems(hp.judge, hp.rewards)
+        problems = reinforce_pp_problems(self.hparams) + optimizer_problems(self.hparams)
+        problems += judge_problems(self.hparams.judge, self.hparams.rewards)
         if problems:
             raise ValueError("Invalid ReinforcePP configuration:\n  " + "\n  ".join(problems))
 

@@ -25,15 +25,16 @@ from PIL import Image
 import maye_pl  # noqa: F401  (torchvision shim before transformers and vLLM)
 from maye_pl.data.prompts import render_prompt
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
-from maye_pl.models.loading import load_policy, load_processor, vision_token_ids
+from maye_pl.models.adapters import ModelAdapter, adapter_for
+from maye_pl.models.loading import load_policy, load_processor
 from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
 
 
-def requests(processor) -> list[RolloutRequest]:
-    circle = render_prompt(processor, "<image>What is the area of the circle?", "cot")
-    angle = render_prompt(processor, "<image>Find the angle.", "cot")
+def requests(processor, adapter: ModelAdapter) -> list[RolloutRequest]:
+    circle = render_prompt(processor, "<image>What is the area of the circle?", "cot", adapter.image_placeholder)
+    angle = render_prompt(processor, "<image>Find the angle.", "cot", adapter.image_placeholder)
     text = "<|im_start|>user\nSolve for x: 3x + 7 = 22.<|im_end|>\n<|im_start|>assistant\n"
     return [
         RolloutRequest(circle, [Image.new("RGB", (64, 64), (200, 30, 30))]),
@@ -42,12 +43,15 @@ def requests(processor) -> list[RolloutRequest]:
     ]
 
 
-def mismatch(policy, processor, rows, rollouts, temperature: float, maye_position_ids: bool) -> dict[str, tuple[float, float]]:
+def mismatch(
+    policy, processor, adapter: ModelAdapter, rows, rollouts, temperature: float, maye_position_ids: bool
+) -> dict[str, tuple[float, float]]:
     """(mean, max) |engine - trainer| log-prob over the response tokens of image rows and text rows."""
-    inputs = build_policy_inputs(processor, rows, [r.token_ids for r in rollouts], processor.tokenizer.pad_token_id)
+    inputs = build_policy_inputs(processor, rows, [r.token_ids for r in rollouts], processor.tokenizer.pad_token_id,
+                                 adapter=adapter)
     with torch.no_grad():
         trainer = response_logprobs(policy, inputs, temperature=temperature,
-                                    banned_token_ids=vision_token_ids(processor.tokenizer),
+                                    banned_token_ids=adapter.vision_token_ids(processor.tokenizer),
                                     maye_position_ids=maye_position_ids)  # (N, T)
     engine = torch.zeros_like(trainer)
     for row, rollout in enumerate(rollouts):
@@ -71,6 +75,7 @@ def main() -> None:
         model_dir = ensure_tiny_model(Path(tmp) / "tiny", seed=0)
         processor = load_processor(model_dir)
         policy = load_policy(model_dir).eval()
+        adapter = adapter_for(model_dir)
         if args.engine == "vllm":
             from maye_pl.rollout.vllm_engine import VLLMEngine
 
@@ -79,7 +84,7 @@ def main() -> None:
         else:
             engine = HFEngine(load_policy(model_dir).eval(), processor)
         try:
-            prompts = requests(processor)
+            prompts = requests(processor, adapter)
             sampling = SamplingConfig(temperature=1.0, max_tokens=args.max_tokens, n=args.samples, seed=0, step=0)
             rollouts = engine.generate(prompts, sampling)
         finally:
@@ -89,7 +94,7 @@ def main() -> None:
         print("| maye_position_ids | image rows mean / max | text rows mean / max |")
         print("|---|---|---|")
         for switch in (False, True):
-            stats = mismatch(policy, processor, rows, rollouts, 1.0, switch)
+            stats = mismatch(policy, processor, adapter, rows, rollouts, 1.0, switch)
             cells = [f"{mean:.2e} / {peak:.2e}" for mean, peak in stats.values()]
             print(f"| {str(switch).lower()} | {cells[0]} | {cells[1]} |")
 

@@ -183,7 +183,7 @@ class MayeDataModule(L.LightningDataModule):
         if split not in self.datasets:
             return []  # Lightning runs no loop for an empty list of dataloaders
         return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          collate_fn=PromptCollator(self.processor, self.prompt_style, self.image_placeholder))
+                          collate_fn=self._collator())
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled training batches of ``batch_size`` prompts per rank; the incomplete tail is dropped."""
@@ -203,7 +203,7 @@ class MayeDataModule(L.LightningDataModule):
             self._sampler_state_to_load = None
         self.train_sampler = sampler
         return ResumableDataLoader(dataset, sampler, self.batch_size, num_workers=self.num_workers,
-                                   collate_fn=PromptCollator(self.processor, self.prompt_style, self.image_placeholder))
+                                   collate_fn=self._collator())
 
     def peek_train_batch(self, batches_ahead: int, batches_left_in_epoch: int, next_epoch: bool) -> list[dict] | None:
         """The training batch the loader will hand out ``batches_ahead`` batches after the current
@@ -226,7 +226,10 @@ class MayeDataModule(L.LightningDataModule):
             return None
         dataset = self.datasets["train"]
         items = [dataset[index] for index in sampler.batch_indices(epoch, position, self.batch_size)]
-        return PromptCollator(self.processor, self.prompt_style)(items)
+        return self._collator()(items)
+
+    def _collator(self) -> PromptCollator:
+        return PromptCollator(self.processor, self.prompt_style, self.image_placeholder)
 
     def _world(self) -> tuple[int, int]:
         """(world size, global rank): the trainer's, else the process group's, else one process."""

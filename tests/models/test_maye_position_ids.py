@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from maye_pl.models.adapters import adapter_for
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import load_policy
 
@@ -17,7 +18,8 @@ from maye_pl.models.loading import load_policy
 def test_switch_changes_image_rows_only(tiny_model_dir, tiny_processor, rollout_requests):
     policy = load_policy(tiny_model_dir).eval()
     responses = [[11, 12, 13, 14], [11, 12], [11, 12, 13]]  # rows: 4-token image, text only, 12-token image
-    inputs = build_policy_inputs(tiny_processor, rollout_requests, responses, tiny_processor.tokenizer.pad_token_id)
+    inputs = build_policy_inputs(tiny_processor, rollout_requests, responses, tiny_processor.tokenizer.pad_token_id,
+                                 adapter=adapter_for(tiny_model_dir))
     with torch.no_grad():
         mrope = response_logprobs(policy, inputs, temperature=1.0)  # (3, 4)
         maye = response_logprobs(policy, inputs, temperature=1.0, maye_position_ids=True)  # (3, 4)
