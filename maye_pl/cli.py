@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from maye_pl.data import MayeDataModule, ensure_geometry_dataset
@@ -20,6 +21,24 @@ from maye_pl.rollout.callback import RolloutCallback
 
 # The synthetic set the CPU demo trains and evaluates on (datasets/README.md).
 DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
+
+
+def train_prompt_budget(max_model_len: int, model: Namespace) -> int | None:
+    """Longest training prompt the engine takes: its context minus ``model.sampling.max_tokens``.
+
+    None for a model that does not generate from its training prompts (``sampling`` absent or
+    null, e.g. the SFT baseline).
+    """
+    sampling = model.init_args.get("sampling")
+    return None if sampling is None else max_model_len - sampling.max_tokens
+
+
+def eval_prompt_budget(max_model_len: int, model: Namespace) -> int:
+    """Longest val/test prompt: the engine's context minus the evaluation max new tokens
+    (``model.eval_max_tokens`` where the model has one, else ``model.sampling.max_tokens``)."""
+    init = model.init_args
+    eval_max_tokens = init.get("eval_max_tokens") or init.sampling.max_tokens
+    return max_model_len - eval_max_tokens
 
 
 class MayeCLI(LightningCLI):
@@ -40,6 +59,11 @@ class MayeCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsFileCallback, "metrics_file")
         parser.link_arguments("model.init_args.model_path", "data.processor_path")
         parser.link_arguments("model.init_args.model_path", "rollout.model_path")
+        # The data module checks every prompt's length against the engine's budget before it starts.
+        parser.link_arguments(("rollout.max_model_len", "model"), "data.max_prompt_tokens",
+                              compute_fn=train_prompt_budget)
+        parser.link_arguments(("rollout.max_model_len", "model"), "data.max_eval_prompt_tokens",
+                              compute_fn=eval_prompt_budget)
         parser.add_argument(
             "--demo_assets",
             type=bool,
