@@ -63,14 +63,6 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
     return args, env, out
 
 
-def is_engine(process: psutil.Process) -> bool:
-    """Whether ``process`` is a vLLM engine host (named by VLLMEngine) or its EngineCore."""
-    try:
-        return "maye_pl-vllm-engine" in process.name() or "EngineCore" in " ".join(process.cmdline())
-    except psutil.NoSuchProcess:
-        return False
-
-
 class RunningFit:
     """A `fit` started in the background in its own session; stderr goes to ``<out>/stderr.txt``."""
 
@@ -90,8 +82,11 @@ class RunningFit:
         return (self.out / "stderr.txt").read_text()
 
     def engines(self) -> list[psutil.Process]:
-        """The engine processes the run has started (call while it is alive)."""
-        return [p for p in psutil.Process(self.process.pid).children(recursive=True) if is_engine(p)]
+        """The run's engine processes (call while it is alive): each vLLM EngineCore (vLLM titles
+        it so) and the engine host that started it (a multiprocessing child of the trainer)."""
+        cores = [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                 if "EngineCore" in " ".join(p.cmdline())]
+        return [*{core.parent() for core in cores}, *cores]
 
     def ranks(self) -> list[psutil.Process]:
         """The trainer processes: the launched one (rank 0) and the ranks Lightning started."""
