@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
 
 
 class RunningFit:
-    """A `fit` started in the background in its own session; stderr goes to ``<out>/stderr.txt``."""
+    """A `fit` started in the background in its own session; its output (stdout, where the engine
+    logs, and stderr) goes to ``<out>/output.txt``."""
 
     def __init__(self, command: tuple[list[str], dict[str, str], Path], cwd: Path) -> None:
         """
@@ -73,20 +75,25 @@ class RunningFit:
             cwd: Working directory of the run.
         """
         args, env, self.out = command
-        self._stderr = open(self.out / "stderr.txt", "w")
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._stderr,
+        self._output = open(self.out / "output.txt", "w")
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._output, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
     @property
-    def stderr(self) -> str:
-        return (self.out / "stderr.txt").read_text()
+    def output(self) -> str:
+        """What the user sees on the terminal so far (stdout and stderr interleaved)."""
+        return (self.out / "output.txt").read_text()
 
     def engines(self) -> list[psutil.Process]:
-        """The run's engine processes (call while it is alive): each vLLM EngineCore (vLLM titles
-        it so) and the engine host that started it (a multiprocessing child of the trainer)."""
-        cores = [p for p in psutil.Process(self.process.pid).children(recursive=True)
-                 if "EngineCore" in " ".join(p.cmdline())]
-        return [*{core.parent() for core in cores}, *cores]
+        """The run's engine hosts (found by the ``(maye_pl-vllm-engine pid=N)`` prefix of their log
+        lines) and whatever they started; call while the run is alive."""
+        hosts = []
+        for pid in {int(pid) for pid in re.findall(r"\(maye_pl-vllm-engine pid=(\d+)\)", self.output)}:
+            try:
+                hosts.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        return [*hosts, *(child for host in hosts for child in host.children(recursive=True))]
 
     def ranks(self) -> list[psutil.Process]:
         """The trainer processes: the launched one (rank 0) and the ranks Lightning started."""
@@ -98,7 +105,7 @@ class RunningFit:
         ids = self.out / "ids_rank0.jsonl"
         deadline = time.monotonic() + timeout_s
         while not (ids.exists() and len(ids.read_text().splitlines()) >= step):
-            assert self.process.poll() is None, f"the run ended before step {step}:\n{self.stderr[-6000:]}"
+            assert self.process.poll() is None, f"the run ended before step {step}:\n{self.output[-6000:]}"
             assert time.monotonic() < deadline, f"the run did not reach step {step} in {timeout_s} s"
             time.sleep(0.05)
 
@@ -116,4 +123,4 @@ class RunningFit:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        self._stderr.close()
+        self._output.close()

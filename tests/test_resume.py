@@ -85,7 +85,7 @@ def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
 
 def _preempt(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
     """A `fit` sent SIGTERM as its generation step RESUME_AFTER starts; it must exit with status 143
-    within 15 s. Returns its output directory and its stderr."""
+    within 15 s. Returns its output directory and what it printed."""
     run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path)
     try:
         run.wait_for_step(RESUME_AFTER)
@@ -94,10 +94,10 @@ def _preempt(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
         code, exit_s = run.wait(timeout_s=60)
     finally:
         run.kill()
-    assert code == PREEMPTED_EXIT_CODE, f"{name} exited {code}:\n{run.stderr[-6000:]}"
+    assert code == PREEMPTED_EXIT_CODE, f"{name} exited {code}:\n{run.output[-6000:]}"
     assert exit_s <= 15, f"{name} took {exit_s:.1f} s to stop after SIGTERM"
     assert engines and psutil.wait_procs(engines, timeout=1)[1] == [], "an engine process outlived the preempted run"
-    return run.out, run.stderr
+    return run.out, run.output
 
 
 def _step_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
@@ -140,10 +140,10 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     # SIGTERM mid-step RESUME_AFTER: that step finishes, is checkpointed (every rank at the same step)
     # and logged, the engine is shut down, the run exits 143 saying where its checkpoint is.
     preempt_dir = tmp_path / "preempted_checkpoints"
-    preempted, stderr = _preempt(tmp_path, "preempted", *layout, "--preemption.dirpath", str(preempt_dir))
+    preempted, output = _preempt(tmp_path, "preempted", *layout, "--preemption.dirpath", str(preempt_dir))
     checkpoint = preempt_dir / f"preempted-epoch=0-step={step}.ckpt"
     assert checkpoint.is_dir() == bool(layout)
-    assert f"Preempted by SIGTERM at epoch 0, step {step}: checkpoint {checkpoint}" in stderr
+    assert f"Preempted by SIGTERM at epoch 0, step {step}: checkpoint {checkpoint}" in output
     assert _step_rows(tmp_path, "preempted").keys() == set(range(1, RESUME_AFTER + 1))  # its rows are on disk
 
     # A newer checkpoint cut short by a crash mid-save must not be picked by `--ckpt_path last`.

@@ -1,6 +1,6 @@
 """The fault suite: real `python -m maye_pl fit` processes and real vLLM engines, killed mid-step.
 
-Each test asserts what the user sees (the message on stderr), that no engine process is left, that
+Each test asserts what the user sees (the message it prints), that no engine process is left, that
 the run ends within its bound (functional guarantees, not speed benchmarks: a wedged shutdown or
 an orphaned rank would exceed them by far), and that the metrics file keeps the finished steps.
 
@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -55,7 +56,7 @@ def _stopped_before_the_engine(workdir: Path, name: str, *extra: str) -> str:
     args, env, _ = fit_command(workdir, name, *extra)
     result = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "maye_pl-vllm-engine" not in result.stderr  # the engine's log prefix: it never started
+    assert "maye_pl-vllm-engine" not in result.stdout + result.stderr  # the engine's log prefix: it never started
     return result.stderr
 
 
@@ -82,36 +83,43 @@ def _gone(processes: list[psutil.Process], timeout_s: float) -> bool:
     return psutil.wait_procs(processes, timeout=timeout_s)[1] == []
 
 
-@pytest.mark.vllm
-def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
-    run = RunningFit(fit_command(workdir, "engine_killed"), cwd=workdir)
+def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit, list[psutil.Process]], None],
+                        timeout_s: float) -> tuple[RunningFit, int | None, list[psutil.Process]]:
+    """Start a run, ``disturb(run, its engine processes)`` as its step 2 starts, then wait up to
+    ``timeout_s`` for it to end. Returns the run, its exit status (None: still running) and engines."""
+    run = RunningFit(fit_command(workdir, name), cwd=workdir)
     try:
         run.wait_for_step(2)
         engines = run.engines()
-        [host] = [p for p in engines if p.ppid() == run.process.pid]  # the EngineCore is its child
-        host.kill()
-        code, _ = run.wait(timeout_s=10)
+        disturb(run, engines)
+        code, _ = run.wait(timeout_s)
     finally:
         run.kill()
-    assert code not in (None, 0), f"the run did not stop within 10 s of its engine's death:\n{run.stderr[-4000:]}"
-    assert re.search(r"VLLMEngineError: vLLM engine process died during \w+ \(exit code -9\)", run.stderr), \
-        run.stderr[-4000:]
+    return run, code, engines
+
+
+@pytest.mark.vllm
+def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
+    def kill_engine_host(run: RunningFit, engines: list[psutil.Process]) -> None:
+        [host] = [p for p in engines if p.ppid() == run.process.pid]
+        host.kill()
+
+    run, code, engines = _disturbed_mid_step(workdir, "engine_killed", kill_engine_host, timeout_s=10)
+    assert code not in (None, 0), f"the run did not stop within 10 s of its engine's death:\n{run.output[-4000:]}"
+    assert re.search(r"VLLMEngineError: vLLM engine process died during \w+ \(exit code -9\)", run.output), \
+        run.output[-4000:]
     assert _gone(engines, timeout_s=1)
     assert _trained_steps(workdir, "engine_killed") == [1]
 
 
 @pytest.mark.vllm
 def test_ctrl_c_mid_step_exits_cleanly(workdir):
-    run = RunningFit(fit_command(workdir, "ctrl_c"), cwd=workdir)
-    try:
-        run.wait_for_step(2)
-        engines = run.engines()
+    def ctrl_c(run: RunningFit, engines: list[psutil.Process]) -> None:
         run.process.send_signal(signal.SIGINT)  # what the terminal sends the foreground process
-        code, _ = run.wait(timeout_s=15)
-    finally:
-        run.kill()
-    assert code == 1, f"exit status {code} (None: still running after 15 s):\n{run.stderr[-4000:]}"
-    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in run.stderr
+
+    run, code, engines = _disturbed_mid_step(workdir, "ctrl_c", ctrl_c, timeout_s=15)
+    assert code == 1, f"exit status {code} (None: still running after 15 s):\n{run.output[-4000:]}"
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in run.output
     assert engines and _gone(engines, timeout_s=1)
     assert _trained_steps(workdir, "ctrl_c") == [1]
 
@@ -130,5 +138,5 @@ def test_a_killed_rank_takes_the_engine_and_the_other_rank_down(workdir):
     finally:
         run.kill()
     assert engines and engines_gone, "the engine outlived its SIGKILLed trainer by 10 s"
-    assert rank1_gone, f"rank 1 outlived rank 0 by 30 s:\n{run.stderr[-4000:]}"
+    assert rank1_gone, f"rank 1 outlived rank 0 by 30 s:\n{run.output[-4000:]}"
     assert _trained_steps(workdir, "rank_killed") == [1]
