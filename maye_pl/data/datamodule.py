@@ -202,15 +202,34 @@ class MayeDataModule(L.LightningDataModule):
         self.datasets = datasets
 
     def _check_prompt_lengths(self, datasets: dict[str, MayeDataset]) -> None:
-        """Count every prompt's tokens (cached) and stop on, or drop, those over their split's limit."""
+        """Count every prompt's tokens (cached) and stop on, or drop, those over their split's limit.
+
+        Under a multi-rank trainer, global rank 0 counts first and the other ranks then read its
+        cache (a barrier between), instead of every rank tokenizing the whole data set.
+        """
+        limited = {name: d for name, d in datasets.items() if self.prompt_token_limits[name] is not None}
+        counted: dict[str, list[int]] = {}
+
+        def count() -> None:
+            for name, dataset in limited.items():
+                counted[name] = cached_prompt_token_counts(
+                    dataset, PromptCollator(self.processor, self.prompt_style), self.paths[name],
+                    self.processor_path, self.token_count_cache)
+
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            count()
+        elif trainer.is_global_zero:
+            try:
+                count()
+            finally:  # the other ranks wait for the cache even when counting failed here
+                trainer.strategy.barrier("MayeDataModule: prompt token counts cached")
+        else:
+            trainer.strategy.barrier("MayeDataModule: prompt token counts cached")
+            count()
         problems = []
-        for name, dataset in datasets.items():
-            limit = self.prompt_token_limits[name]
-            if limit is None:
-                continue
-            counts = cached_prompt_token_counts(
-                dataset, PromptCollator(self.processor, self.prompt_style), self.paths[name],
-                self.processor_path, self.token_count_cache)
+        for name, dataset in limited.items():
+            limit, counts = self.prompt_token_limits[name], counted[name]
             if self.drop_overlong:
                 drop_overlong_prompts(dataset, counts, limit)
             else:
