@@ -12,15 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from maye_pl.checkpoints import find_checkpoints, latest_complete_checkpoint
 
 from maye_pl.console import RunConsoleCallback, configure_console, default_progress_bar
 from maye_pl.data import MayeDataModule, ensure_geometry_dataset
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
 from maye_pl.models.tiny import ensure_tiny_model, tiny_model_type
+from maye_pl.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from maye_pl.rollout.callback import RolloutCallback
 
 # What `demo_assets` builds, and only at these paths (configs/demo.yaml's defaults): the tiny random
@@ -29,6 +35,24 @@ from maye_pl.rollout.callback import RolloutCallback
 DEMO_MODEL_PATHS = (Path(".cache/tiny-qwen2.5-vl"), Path(".cache/tiny-qwen2-vl"), Path(".cache/tiny-qwen3-vl"))
 DEMO_DATA_DIR = Path("datasets/demo_geometry")
 DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
+
+
+def train_prompt_budget(max_model_len: int, model: Namespace) -> int | None:
+    """Longest training prompt the engine takes: its context minus ``model.sampling.max_tokens``.
+
+    None for a model that does not generate from its training prompts (``sampling`` absent or
+    null, e.g. the SFT baseline).
+    """
+    sampling = model.init_args.get("sampling")
+    return None if sampling is None else max_model_len - sampling.max_tokens
+
+
+def eval_prompt_budget(max_model_len: int, model: Namespace) -> int:
+    """Longest val/test prompt: the engine's context minus the evaluation max new tokens
+    (``model.eval_max_tokens`` where the model has one, else ``model.sampling.max_tokens``)."""
+    init = model.init_args
+    eval_max_tokens = init.get("eval_max_tokens") or init.sampling.max_tokens
+    return max_model_len - eval_max_tokens
 
 
 class MayeCLI(LightningCLI):
@@ -47,8 +71,14 @@ class MayeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RolloutCallback, "rollout")
         parser.add_lightning_class_args(MetricsFileCallback, "metrics_file")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.link_arguments("model.init_args.model_path", "data.processor_path")
         parser.link_arguments("model.init_args.model_path", "rollout.model_path")
+        # The data module checks every prompt's length against the engine's budget before it starts.
+        parser.link_arguments(("rollout.max_model_len", "model"), "data.max_prompt_tokens",
+                              compute_fn=train_prompt_budget)
+        parser.link_arguments(("rollout.max_model_len", "model"), "data.max_eval_prompt_tokens",
+                              compute_fn=eval_prompt_budget)
         parser.add_argument(
             "--demo_assets",
             type=bool,
@@ -86,12 +116,46 @@ class MayeCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [*bar, RunConsoleCallback()]  # the summary prints after the bar
         return super().instantiate_trainer(**kwargs)
 
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest complete checkpoint of the run (see maye_pl/checkpoints.py).
+
+        Searched: the loggers' run directories (every version), every ModelCheckpoint and
+        PreemptionCheckpoint directory, ``<default_root_dir>/checkpoints`` and Lightning's SLURM
+        ``<default_root_dir>/hpc_ckpt_N.ckpt``. None found: the run starts fresh (so a requeued job
+        script can always pass ``last``).
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        trainer = self.trainer
+        root = Path(trainer.default_root_dir)
+        roots = [root / "checkpoints"]
+        roots += [Path(getattr(logger, "root_dir", None) or logger.save_dir) for logger in trainer.loggers
+                  if getattr(logger, "root_dir", None) or logger.save_dir]
+        roots += [Path(c.dirpath) for c in trainer.callbacks
+                  if isinstance(c, (ModelCheckpoint, PreemptionCheckpoint)) and c.dirpath]
+        candidates = set(root.glob("hpc_ckpt_*.ckpt")).union(*map(find_checkpoints, roots))
+        found = latest_complete_checkpoint(candidates)
+        if found is None:
+            rank_zero_info(f"--ckpt_path last: no complete checkpoint under {', '.join(map(str, roots))}; starting fresh")
+        else:
+            rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        config["ckpt_path"] = str(found) if found else None
+        self.config[self.subcommand]["ckpt_path"] = config["ckpt_path"]
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint()
+
     def before_fit(self) -> None:
         """Validate once before training: the paper's "Vanilla" column (epoch 0).
 
         Not when resuming (``--ckpt_path``): the run already has its Vanilla row, and the model
         holds the initial weights until fit restores the checkpoint.
         """
+        self._resolve_last_checkpoint()
         if not getattr(self.model.hparams, "validate_before_fit", False) or self._get(self.config, "ckpt_path"):
             return
         rollout = next(c for c in self.trainer.callbacks if isinstance(c, RolloutCallback))
@@ -142,4 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         export_main(words[1:])
         return
     configure_console()
-    MayeCLI(args=argv)
+    try:
+        MayeCLI(args=argv)
+    except SIGTERMException:  # PreemptionCheckpoint wrote its checkpoint; Lightning shut everything down
+        sys.exit(PREEMPTED_EXIT_CODE)

@@ -15,6 +15,21 @@
 # torch.distributed variables (MASTER_ADDR, MASTER_PORT, NODE_RANK) set, or under SLURM with
 # `srun` (Lightning reads SLURM's variables). Only global rank 0 owns an engine, on its node's
 # spare GPU; keep `trainer.devices` at 7 on 8-GPU nodes.
+#
+# Preemption (SLURM, Kubernetes, spot instances): on SIGTERM or SIGUSR1 every rank finishes the
+# current step, checkpoints it, shuts the engine down and exits 143; `--ckpt_path last` resumes from
+# the newest complete checkpoint of the run (a fresh start when there is none), so a requeued job
+# can always pass it. A SLURM job (srun starts the 7 ranks; Lightning's SLURM auto-requeue turns
+# SIGUSR1 into hpc_ckpt_N.ckpt + `scontrol requeue`, at the step boundary):
+#
+#   #!/bin/bash
+#   #SBATCH --nodes=1 --gres=gpu:8 --ntasks-per-node=7 --cpus-per-task=12
+#   #SBATCH --signal=USR1@600   # warn 10 min before the time limit: one step + the save must fit
+#   #SBATCH --requeue           # a job preempted with SIGTERM is requeued by SLURM itself
+#   srun bash scripts/train_ppo_vllm_distributed.sh --ckpt_path last
+#
+# For SIGTERM preemption give the partition a GraceTime of at least one step: SLURM sends SIGKILL
+# after it.
 set -euo pipefail
 
 DATA=${DATA:-geo3k}

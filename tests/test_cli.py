@@ -54,6 +54,22 @@ def test_cli_overrides_reach_the_model():
     assert (fit.model.init_args.lr, fit.trainer.max_epochs, fit.rollout.engine) == (1e-6, 3, "hf")
 
 
+@pytest.mark.parametrize(("config", "max_model_len", "train_max_tokens", "eval_max_tokens"), [
+    ("demo.yaml", 1024, 48, 48),  # model.sampling.max_tokens serves training and evaluation
+    ("geo3k.yaml", 8192, 2048, 2048),
+    ("sft_demo.yaml", 1024, None, 48),  # SFT generates only to evaluate: model.eval_max_tokens
+])
+def test_prompt_token_budgets_are_linked_from_the_engine_and_the_model(config, max_model_len, train_max_tokens,
+                                                                        eval_max_tokens):
+    for engine_context in (max_model_len, 4096):  # the YAML's value, then a command-line override
+        with pytest.raises(_Parsed) as parsed:
+            _ParseOnlyCLI(args=["fit", "--config", str(REPO / "configs" / config),
+                                "--rollout.max_model_len", str(engine_context)])
+        data = parsed.value.args[0].fit.data
+        assert data.max_prompt_tokens == (None if train_max_tokens is None else engine_context - train_max_tokens)
+        assert data.max_eval_prompt_tokens == engine_context - eval_max_tokens
+
+
 EXPECTED_METRICS = [
     *(f"{split}/{name}" for split in ("val", "test") for name in ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01")),
     "reward/total", "reward/accuracy_step", "reward/accuracy_epoch", "reward/language", "reward/penalized_fraction",

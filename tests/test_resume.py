@@ -1,13 +1,16 @@
 """Resuming from a checkpoint continues the run exactly, and a crash mid-save never costs the last one.
 
-`test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI twice
-in fresh processes, in one process (a single .ckpt file) and on 2 FSDP2 ranks over gloo (a sharded
-DCP checkpoint, each rank's sampler position restored), each synchronous and pipelined
+`test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI three
+times in fresh processes, in one process (a single .ckpt file) and on 2 FSDP2 ranks over gloo (a
+sharded DCP checkpoint, each rank's sampler position restored), each synchronous and pipelined
 (`rollout.max_staleness 1`: the rollouts of the batch in flight at the checkpoint are saved with
-it), each with a fresh module, trainer, data module and engine: an uninterrupted
-`fit` of 4 generation steps (one epoch of 4 batches, two optimizer steps each, so the minibatch
-shuffle matters) that checkpoints after step 2, and a `fit --ckpt_path <that checkpoint>`. Steps 3
-and 4 must log the same metrics (loss, rewards, KL, grad norm, engine mismatch, ...; max abs
+it), each with a fresh module, trainer, data module and engine: an uninterrupted `fit` of 4 generation steps (one epoch of 4 batches, two
+optimizer steps each, so the minibatch shuffle matters); the same `fit` sent SIGTERM while step 2
+runs, which must finish that step, checkpoint it (PreemptionCheckpoint: trainer.save_checkpoint at
+the step boundary, like ModelCheckpoint), leave no engine process and exit 143 within 15 s saying
+where the checkpoint is; and a `fit --ckpt_path last`, which must pick that checkpoint over a newer
+one cut short by a crash. Steps 1-2 of the preempted run and 3-4 of the resumed one must log the
+same metrics (loss, rewards, KL, grad norm, engine mismatch, ...; max abs
 difference <= 1e-6, observed 0 on CPU fp32) and train on the same prompts: the data order resumes
 mid-epoch, generation_step (sampling seeds) and the optimizer/scheduler state come back, and the
 engine generates step 3 from the restored weights, not from the model directory it started with
@@ -24,13 +27,14 @@ next save succeeds and clears the partial leftovers.
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import psutil
 import pytest
 import torch
 
@@ -38,26 +42,11 @@ from maye_pl.data import generate_geometry_dataset
 from maye_pl.export import read_checkpoint
 from maye_pl.models.loading import load_policy
 from maye_pl.models.tiny import ensure_tiny_model
+from maye_pl.preemption import PREEMPTED_EXIT_CODE
 from maye_pl.strategies import FSDP2Strategy
 from maye_pl.strategies.fsdp2 import publish_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-class PromptIdsRecorder(pl.Callback):
-    """Appends each training batch's prompt ids to ``<out_dir>/ids_rank<r>.jsonl`` (one line per step)."""
-
-    def __init__(self, out_dir: str) -> None:
-        """
-        Args:
-            out_dir: Directory of the ids file.
-        """
-        self.out_dir = out_dir
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
-        row = {"generation_step": pl_module.generation_step, "ids": [sample["id"] for sample in batch]}
-        with open(os.path.join(self.out_dir, f"ids_rank{trainer.global_rank}.jsonl"), "a") as file:
-            file.write(json.dumps(row) + "\n")
+from cli_runs import RunningFit, fit_command
 
 
 # ---------------------------------------------------------------------------------------------- e2e
@@ -66,8 +55,9 @@ STEPS, RESUME_AFTER = 4, 2
 OPTIMIZER_STEPS_PER_GENERATION = 2  # 2 prompts x 2 samples = 4 rows, minibatches of 2
 
 
-def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
-    """One `python -m maye_pl fit` in a fresh process; returns its run directory.
+def _fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:
+    """The tiny `fit` of cli_runs (an epoch = the 4 training prompt pairs, the LR schedule from its
+    length) with a ModelCheckpoint every RESUME_AFTER generation steps.
 
     lr 1e-3 (the demo's is 1e-5) moves the weights far enough in 2 steps that an engine still
     holding the initial weights is plainly visible at step 3 (measured with the callback's setup
@@ -75,29 +65,40 @@ def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
     0.24, 10 of the 42 step metrics off by more than 1e-6), so equal step-3 metrics prove the
     restored weights reached the engine before its first rollout.
     """
-    out = tmp_path / name
-    out.mkdir()
-    args = [
-        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs/demo.yaml"),
-        "--demo_assets", "false", "--model.model_path", str(tmp_path / "tiny"),
-        "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
-        "--model.validate_before_fit", "false", "--trainer.limit_val_batches", "0",
-        "--data.batch_size", "2", "--model.sampling.n", "2", "--model.sampling.max_tokens", "12",
-        "--model.ppo_batch_size", "2", "--model.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
-        "--trainer.max_epochs", "1",  # an epoch = the 4 training prompt pairs; LR schedule from the epoch length
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", name,
-        "--trainer.callbacks+=test_resume.PromptIdsRecorder", "--trainer.callbacks.out_dir", str(out),
+    args, env, out = fit_command(tmp_path, name)
+    args += [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
         "--trainer.callbacks.dirpath", str(out / "checkpoints"),
         "--trainer.callbacks.every_n_train_steps", str(RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION),
         "--trainer.callbacks.save_top_k", "-1",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return args, env, out
+
+
+def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
+    """One `fit` in a fresh process, to its end; returns its output directory."""
+    args, env, out = _fit_command(tmp_path, name, *extra)
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
     return out
+
+
+def _preempt(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
+    """A `fit` sent SIGTERM as its generation step RESUME_AFTER starts; it must exit with status 143
+    within 15 s. Returns its output directory and what it printed."""
+    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path)
+    try:
+        run.wait_for_step(RESUME_AFTER)
+        engines = run.engines()
+        run.process.send_signal(signal.SIGTERM)
+        code, exit_s = run.wait(timeout_s=60)
+    finally:
+        run.kill()
+    assert code == PREEMPTED_EXIT_CODE, f"{name} exited {code}:\n{run.output[-6000:]}"
+    assert exit_s <= 15, f"{name} took {exit_s:.1f} s to stop after SIGTERM"
+    assert engines and psutil.wait_procs(engines, timeout=1)[1] == [], "an engine process outlived the preempted run"
+    return run.out, run.output
 
 
 def _step_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
@@ -138,14 +139,31 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     ensure_tiny_model(tmp_path / "tiny")
     generate_geometry_dataset(tmp_path / "geo", n_train=2 * STEPS, n_val=0, n_test=0)
     full = _fit(tmp_path, "full", *layout)
-    checkpoint = full / "checkpoints" / f"epoch=0-step={RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION}.ckpt"
-    assert checkpoint.is_dir() == ("fsdp2" in layout)  # FSDP2 on 2 ranks writes a sharded DCP directory
-    resumed = _fit(tmp_path, "resumed", *layout, "--ckpt_path", str(checkpoint))
+    step = RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION
+    assert (full / "checkpoints" / f"epoch=0-step={step}.ckpt").is_dir() == ("fsdp2" in layout)  # sharded DCP
+
+    # SIGTERM mid-step RESUME_AFTER: that step finishes, is checkpointed (every rank at the same step)
+    # and logged, the engine is shut down, the run exits 143 saying where its checkpoint is.
+    preempt_dir = tmp_path / "preempted_checkpoints"
+    preempted, output = _preempt(tmp_path, "preempted", *layout, "--preemption.dirpath", str(preempt_dir))
+    checkpoint = preempt_dir / f"preempted-epoch=0-step={step}.ckpt"
+    assert checkpoint.is_dir() == ("fsdp2" in layout)
+    assert f"Preempted by SIGTERM at epoch 0, step {step}: checkpoint {checkpoint}" in output
+    assert _step_rows(tmp_path, "preempted").keys() == set(range(1, RESUME_AFTER + 1))  # its rows are on disk
+
+    # A newer checkpoint cut short by a crash mid-save must not be picked by `--ckpt_path last`.
+    cut = preempt_dir / "zz-cut-by-a-crash.ckpt"
+    if checkpoint.is_dir():
+        shutil.copytree(checkpoint, cut)
+        (cut / "meta.pt").unlink()  # Lightning writes it last
+    else:
+        cut.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    resumed = _fit(tmp_path, "resumed", *layout, "--preemption.dirpath", str(preempt_dir), "--ckpt_path", "last")
 
     full_rows, resumed_rows = _step_rows(tmp_path, "full"), _step_rows(tmp_path, "resumed")
     assert sorted(full_rows) == list(range(1, STEPS + 1))
     assert sorted(resumed_rows) == list(range(RESUME_AFTER + 1, STEPS + 1))  # it trained only the rest
-    for step, row in resumed_rows.items():
+    for step, row in [*resumed_rows.items(), *_step_rows(tmp_path, "preempted").items()]:
         assert row.keys() == full_rows[step].keys()
         diff = {k: abs(v - full_rows[step][k]) for k, v in row.items()}
         assert max(diff.values()) <= 1e-6, (step, {k: d for k, d in diff.items() if d > 1e-6})

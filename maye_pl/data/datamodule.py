@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import AutoProcessor
 
 from maye_pl.data.jsonl import DatasetError, Sample, load_splits
+from maye_pl.data.lengths import (cached_prompt_token_counts, default_cache_dir, drop_overlong_prompts,
+                                  overlong_prompts)
 from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
 from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from maye_pl.models.adapters import adapter_for
@@ -81,7 +83,10 @@ class MayeDataModule(L.LightningDataModule):
     """MAYE jsonl splits as Lightning dataloaders of prompt batches.
 
     Every line of every configured split is validated once, in the first ``setup()`` (before any
-    training step); all problems of all splits are raised together as one ``DatasetError``.
+    training step and before the engine starts), and so is every prompt's length in tokens as the
+    engine counts them (``data/lengths.py``) against the limits the CLI links from
+    ``rollout.max_model_len`` and the max new tokens; all problems of all splits are raised
+    together as one ``DatasetError`` (or, with ``drop_overlong``, over-long prompts are dropped).
     Training batches are shuffled and the last incomplete batch is dropped (every step sees
     ``batch_size`` prompts per rank). The training order is a ``ResumableSampler``: epoch e is one
     permutation from the ``seed_everything`` seed + e, sharded over the ranks by the sampler itself
@@ -107,6 +112,10 @@ class MayeDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_eval_prompt_tokens: int | None = None,
+        drop_overlong: bool = False,
+        token_count_cache: str | Path | None = None,
     ):
         """
         Args:
@@ -122,6 +131,15 @@ class MayeDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes (image decoding happens there).
             max_train_samples: Use only the first N training samples (None: all); for demos.
             max_eval_samples: Use only the first N samples of each eval split (None: all).
+            max_prompt_tokens: Longest training prompt in tokens (image tokens included); the CLI
+                links it to ``rollout.max_model_len`` minus ``model.sampling.max_tokens``. None:
+                no check (a model that does not generate from training prompts, e.g. SFT).
+            max_eval_prompt_tokens: Longest val/test prompt in tokens; the CLI links it to
+                ``rollout.max_model_len`` minus the evaluation max new tokens. None: no check.
+            drop_overlong: Drop prompts over their limit (logging how many per split) instead of
+                stopping with the list of them.
+            token_count_cache: Directory of the cached prompt token counts; None:
+                ``$XDG_CACHE_HOME/maye_pl/prompt_tokens`` (``~/.cache/...``).
         """
         super().__init__()
         problems = []
@@ -141,6 +159,13 @@ class MayeDataModule(L.LightningDataModule):
             if value is not None and value < 1:
                 problems.append(
                     f"`data.{name}`={value} must be at least 1; use null for all samples")
+        for name, value in (("max_prompt_tokens", max_prompt_tokens),
+                            ("max_eval_prompt_tokens", max_eval_prompt_tokens)):
+            if value is not None and value < 1:
+                problems.append(
+                    f"`data.{name}`={value} leaves no room for a prompt: `rollout.max_model_len` must"
+                    " exceed the max new tokens (`model.sampling.max_tokens` / eval max tokens); raise it"
+                    " or generate fewer tokens")
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
 
@@ -153,6 +178,10 @@ class MayeDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.limits = {"train": max_train_samples, "val": max_eval_samples,
                        "test": max_eval_samples}
+        self.prompt_token_limits = {"train": max_prompt_tokens, "val": max_eval_prompt_tokens,
+                                    "test": max_eval_prompt_tokens}
+        self.drop_overlong = drop_overlong
+        self.token_count_cache = Path(token_count_cache) if token_count_cache else default_cache_dir()
         self.datasets: dict[str, MayeDataset] | None = None
         self.processor: Any = None
         self.train_sampler: ResumableSampler | None = None
@@ -171,8 +200,45 @@ class MayeDataModule(L.LightningDataModule):
         splits = load_splits(self.paths)
         self.processor = AutoProcessor.from_pretrained(self.processor_path)
         self.image_placeholder = adapter_for(self.processor_path).image_placeholder
-        self.datasets = {name: MayeDataset(samples[: self.limits[name]], name)
-                         for name, samples in splits.items()}
+        datasets = {name: MayeDataset(samples[: self.limits[name]], name) for name, samples in splits.items()}
+        self._check_prompt_lengths(datasets)
+        self.datasets = datasets
+
+    def _check_prompt_lengths(self, datasets: dict[str, MayeDataset]) -> None:
+        """Count every prompt's tokens (cached) and stop on, or drop, those over their split's limit.
+
+        Under a multi-rank trainer, global rank 0 counts first and the other ranks then read its
+        cache (a barrier between), instead of every rank tokenizing the whole data set.
+        """
+        limited = {name: d for name, d in datasets.items() if self.prompt_token_limits[name] is not None}
+        counted: dict[str, list[int]] = {}
+
+        def count() -> None:
+            for name, dataset in limited.items():
+                counted[name] = cached_prompt_token_counts(
+                    dataset, self._collator(), self.paths[name],
+                    self.processor_path, self.token_count_cache)
+
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            count()
+        elif trainer.is_global_zero:
+            try:
+                count()
+            finally:  # the other ranks wait for the cache even when counting failed here
+                trainer.strategy.barrier("MayeDataModule: prompt token counts cached")
+        else:
+            trainer.strategy.barrier("MayeDataModule: prompt token counts cached")
+            count()
+        problems = []
+        for name, dataset in limited.items():
+            limit, counts = self.prompt_token_limits[name], counted[name]
+            if self.drop_overlong:
+                drop_overlong_prompts(dataset, counts, limit)
+            else:
+                problems += overlong_prompts(dataset, counts, limit)
+        if problems:
+            raise DatasetError(problems)
 
     def _check_setup(self) -> None:
         if self.datasets is None:

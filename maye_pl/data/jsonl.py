@@ -170,12 +170,21 @@ def _collect_split(path: str | Path) -> tuple[list[Sample], list[str]]:
     problems: list[str] = []
     first_seen: dict[str, str] = {}
     non_blank = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # bytes: an undecodable line is one problem, not a traceback
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             non_blank += 1
             where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(
+                    f"{where}: (encoding): not UTF-8 (byte {raw[exc.start]:#04x} at"
+                    f" byte {exc.start + 1} of the line) — save the file as UTF-8"
+                    " (e.g. `iconv -f latin1 -t utf-8`)"
+                )
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:

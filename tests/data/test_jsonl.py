@@ -127,3 +127,18 @@ def test_load_splits_collects_problems_of_all_splits(tmp_path):
     assert [p.split(": ")[0] for p in info.value.problems] == [
         f"{train}:2", f"{val}:1", str(tmp_path / "missing.jsonl")
     ]
+
+
+def test_a_non_utf8_line_is_one_located_problem_and_the_rest_still_load(tmp_path):
+    """A Latin-1 byte (0xe9, 'é') in line 2 is reported as path:2 with the byte and its offset
+    (the '{"question": "<image>Caf' prefix is 24 bytes, so the byte is the 25th); lines 1 and 3
+    are still checked, so a bad line 3 shows in the same error."""
+    path = _write(tmp_path, [_good(0), "", _good(2, answer="")])
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b'{"question": "<image>Caf\xe9", "answer": "1"}'
+    path.write_bytes(b"\n".join(lines))
+    assert _problems(path) == [
+        f"{path}:2: (encoding): not UTF-8 (byte 0xe9 at byte 25 of the line) — save the file as"
+        " UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        f"{path}:3: answer: empty string ('') — give it a value",
+    ]

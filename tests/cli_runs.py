@@ -1,0 +1,126 @@
+"""Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
+
+- ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
+  that records each step's prompt ids as the step starts (``PromptIdsRecorder``).
+- ``RunningFit``: such a run in the background, in its own session, to signal it mid-step.
+- ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
+  programs' engines on the same machine are not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PromptIdsRecorder(pl.Callback):
+    """Appends each training batch's prompt ids to ``<out_dir>/ids_rank<r>.jsonl`` (one line per step)."""
+
+    def __init__(self, out_dir: str) -> None:
+        """
+        Args:
+            out_dir: Directory of the ids file.
+        """
+        self.out_dir = out_dir
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
+        row = {"generation_step": pl_module.generation_step, "ids": [sample["id"] for sample in batch]}
+        with open(os.path.join(self.out_dir, f"ids_rank{trainer.global_rank}.jsonl"), "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:
+    """The `fit` command line on ``tmp_path``'s tiny model and geometry set, its environment and its
+    output directory ``tmp_path/name`` (created; prompt ids land there, metrics in runs/demo/name)."""
+    out = tmp_path / name
+    out.mkdir()
+    args = [
+        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs/demo.yaml"),
+        "--demo_assets", "false", "--model.model_path", str(tmp_path / "tiny"),
+        "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
+        "--model.validate_before_fit", "false", "--trainer.limit_val_batches", "0",
+        "--data.batch_size", "2", "--model.sampling.n", "2", "--model.sampling.max_tokens", "12",
+        "--model.ppo_batch_size", "2", "--model.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", name,
+        "--data.token_count_cache", str(tmp_path / "token_counts"),
+        "--trainer.callbacks+=cli_runs.PromptIdsRecorder", "--trainer.callbacks.out_dir", str(out),
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return args, env, out
+
+
+class RunningFit:
+    """A `fit` started in the background in its own session; its output (stdout, where the engine
+    logs, and stderr) goes to ``<out>/output.txt``."""
+
+    def __init__(self, command: tuple[list[str], dict[str, str], Path], cwd: Path) -> None:
+        """
+        Args:
+            command: ``(args, env, out)`` as ``fit_command`` returns them.
+            cwd: Working directory of the run.
+        """
+        args, env, self.out = command
+        self._output = open(self.out / "output.txt", "w")
+        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._output, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        """What the user sees on the terminal so far (stdout and stderr interleaved)."""
+        return (self.out / "output.txt").read_text()
+
+    def engines(self) -> list[psutil.Process]:
+        """The run's engine hosts (found by the ``(maye_pl-vllm-engine pid=N)`` prefix of their log
+        lines) and whatever they started; call while the run is alive."""
+        hosts = []
+        for pid in {int(pid) for pid in re.findall(r"\(maye_pl-vllm-engine pid=(\d+)\)", self.output)}:
+            try:
+                hosts.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        return [*hosts, *(child for host in hosts for child in host.children(recursive=True))]
+
+    def ranks(self) -> list[psutil.Process]:
+        """The trainer processes: the launched one (rank 0) and the ranks Lightning started."""
+        children = psutil.Process(self.process.pid).children()
+        return [psutil.Process(self.process.pid), *(p for p in children if "--config" in p.cmdline())]
+
+    def wait_for_step(self, step: int, timeout_s: float = 400) -> None:
+        """Return once generation step ``step`` (1-based) has started on rank 0."""
+        ids = self.out / "ids_rank0.jsonl"
+        deadline = time.monotonic() + timeout_s
+        while not (ids.exists() and len(ids.read_text().splitlines()) >= step):
+            assert self.process.poll() is None, f"the run ended before step {step}:\n{self.output[-6000:]}"
+            assert time.monotonic() < deadline, f"the run did not reach step {step} in {timeout_s} s"
+            time.sleep(0.05)
+
+    def wait(self, timeout_s: float) -> tuple[int | None, float]:
+        """(exit status or None if still running after ``timeout_s``, seconds waited)."""
+        start = time.monotonic()
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.monotonic() - start
+
+    def kill(self) -> None:
+        """SIGKILL whatever of the run's session is left (its ranks; engines die with their owner)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._output.close()

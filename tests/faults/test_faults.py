@@ -1,0 +1,142 @@
+"""The fault suite: real `python -m maye_pl fit` processes and real vLLM engines, killed mid-step.
+
+Each test asserts what the user sees (the message it prints), that no engine process is left, that
+the run ends within its bound (functional guarantees, not speed benchmarks: a wedged shutdown or
+an orphaned rank would exceed them by far), and that the metrics file keeps the finished steps.
+
+- Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
+  engine starts, naming file:line.
+- The engine process SIGKILLed mid-step: the trainer stops within 10 s saying the engine died.
+- Ctrl-C (SIGINT to the process group) mid-step: exit status 1 within 15 s, Lightning's graceful
+  shutdown message.
+- One of two FSDP2 ranks SIGKILLed mid-step: rank 0, the one owning the engine, so this also covers
+  a SIGKILLed trainer; the engine is gone within 10 s and the other rank within 30 s.
+- SIGTERM mid-step (checkpoint, exit 143 within 15 s, exact resume from `--ckpt_path last`) is
+  tested in tests/test_resume.py, where the uninterrupted reference run already exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from maye_pl.data import generate_geometry_dataset
+from maye_pl.evaluation.metrics_file import read_metrics
+from maye_pl.models.tiny import ensure_tiny_model
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from cli_runs import RunningFit, fit_command  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the tiny model (``tiny/``) and 16 training samples (``geo/``, 8 steps)."""
+    root = tmp_path_factory.mktemp("faults")
+    ensure_tiny_model(root / "tiny")
+    generate_geometry_dataset(root / "geo", n_train=16, n_val=0, n_test=0)
+    return root
+
+
+def _trained_steps(workdir: Path, name: str) -> list[int]:
+    """Generation steps whose metrics row reached metrics.jsonl (a cut last line is ignored)."""
+    return [int(row["generation_step"]) for row in read_metrics(str(workdir / "runs/demo" / name)) if "loss/total" in row]
+
+
+def _stopped_before_the_engine(workdir: Path, name: str, *extra: str) -> str:
+    args, env, _ = fit_command(workdir, name, *extra)
+    result = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "maye_pl-vllm-engine" not in result.stdout + result.stderr  # the engine's log prefix: it never started
+    return result.stderr
+
+
+def test_bad_data_stops_before_the_engine_starts(workdir):
+    lines = (workdir / "geo/train.jsonl").read_bytes().splitlines(keepends=True)
+    latin1 = workdir / "geo/train_latin1.jsonl"
+    latin1.write_bytes(b"".join(lines[:2]) + lines[2].replace(b"\"question\": \"", b"\"question\": \"\xe9", 1)
+                       + b"".join(lines[3:]))
+    stderr = _stopped_before_the_engine(workdir, "latin1", "--data.train_path", str(latin1))
+    assert f"DatasetError: 1 problem in the dataset files:\n  {latin1}:3: (encoding): not UTF-8 (byte 0xe9" in stderr
+
+    record = json.loads(lines[1])
+    record["question"] += " The figure is drawn to scale." * 200
+    overlong = workdir / "geo/train_overlong.jsonl"
+    overlong.write_bytes(lines[0] + json.dumps(record).encode() + b"\n" + b"".join(lines[2:]))
+    stderr = _stopped_before_the_engine(workdir, "overlong", "--data.train_path", str(overlong))
+    # The limit: rollout.max_model_len 1024 (demo.yaml) - model.sampling.max_tokens 12.
+    found = re.search(rf"{re.escape(str(overlong))}:2: question: prompt is (\d+) tokens, the limit is 1012 ", stderr)
+    assert found and int(found.group(1)) > 1012, stderr[-4000:]
+    assert "set `data.drop_overlong: true`" in stderr
+
+
+def _gone(processes: list[psutil.Process], timeout_s: float) -> bool:
+    return psutil.wait_procs(processes, timeout=timeout_s)[1] == []
+
+
+def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit, list[psutil.Process]], None],
+                        timeout_s: float) -> tuple[RunningFit, int | None, list[psutil.Process]]:
+    """Start a run, ``disturb(run, its engine processes)`` as its step 2 starts, then wait up to
+    ``timeout_s`` for it to end. Returns the run, its exit status (None: still running) and engines."""
+    run = RunningFit(fit_command(workdir, name), cwd=workdir)
+    try:
+        run.wait_for_step(2)
+        engines = run.engines()
+        disturb(run, engines)
+        code, _ = run.wait(timeout_s)
+    finally:
+        run.kill()
+    return run, code, engines
+
+
+@pytest.mark.vllm
+def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
+    def kill_engine_host(run: RunningFit, engines: list[psutil.Process]) -> None:
+        [host] = [p for p in engines if p.ppid() == run.process.pid]
+        host.kill()
+
+    run, code, engines = _disturbed_mid_step(workdir, "engine_killed", kill_engine_host, timeout_s=10)
+    assert code not in (None, 0), f"the run did not stop within 10 s of its engine's death:\n{run.output[-4000:]}"
+    assert re.search(r"VLLMEngineError: vLLM engine process died during \w+ \(exit code -9\)", run.output), \
+        run.output[-4000:]
+    assert _gone(engines, timeout_s=1)
+    assert _trained_steps(workdir, "engine_killed") == [1]
+
+
+@pytest.mark.vllm
+def test_ctrl_c_mid_step_exits_cleanly(workdir):
+    def ctrl_c(run: RunningFit, engines: list[psutil.Process]) -> None:
+        run.process.send_signal(signal.SIGINT)  # what the terminal sends the foreground process
+
+    run, code, engines = _disturbed_mid_step(workdir, "ctrl_c", ctrl_c, timeout_s=15)
+    assert code == 1, f"exit status {code} (None: still running after 15 s):\n{run.output[-4000:]}"
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in run.output
+    assert engines and _gone(engines, timeout_s=1)
+    assert _trained_steps(workdir, "ctrl_c") == [1]
+
+
+@pytest.mark.vllm
+def test_a_killed_rank_takes_the_engine_and_the_other_rank_down(workdir):
+    run = RunningFit(fit_command(workdir, "rank_killed", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+                                 "--data.batch_size", "1", "--model.ppo_batch_size", "1"), cwd=workdir)
+    try:
+        run.wait_for_step(2)
+        engines = run.engines()
+        rank0, rank1 = run.ranks()
+        rank0.kill()  # the rank that owns the engine: a SIGKILLed trainer runs no cleanup at all
+        engines_gone = _gone(engines, timeout_s=10)
+        rank1_gone = _gone([rank1], timeout_s=30)
+    finally:
+        run.kill()
+    assert engines and engines_gone, "the engine outlived its SIGKILLed trainer by 10 s"
+    assert rank1_gone, f"rank 1 outlived rank 0 by 30 s:\n{run.output[-4000:]}"
+    assert _trained_steps(workdir, "rank_killed") == [1]
