@@ -85,10 +85,12 @@ class RunningFit:
         return (self.out / "output.txt").read_text()
 
     def engines(self) -> list[psutil.Process]:
-        """The run's engine hosts (found by the ``(maye_pl-vllm-engine pid=N)`` prefix of their log
-        lines) and whatever they started; call while the run is alive."""
+        """The run's engine hosts (found by maye_pl's "vLLM engine on cpu ready in 3.1 s (pid N)" line,
+        or the ``(maye_pl-vllm-engine pid=N)`` prefix of vLLM's own log lines) and whatever they
+        started; call while the run is alive."""
         hosts = []
-        for pid in {int(pid) for pid in re.findall(r"\(maye_pl-vllm-engine pid=(\d+)\)", self.output)}:
+        found = re.findall(r"\(maye_pl-vllm-engine pid=(\d+)\)|ready in [\d.]+ s \(pid (\d+)\)", self.output)
+        for pid in {int(prefix or ready) for prefix, ready in found}:
             try:
                 hosts.append(psutil.Process(pid))
             except psutil.NoSuchProcess:
