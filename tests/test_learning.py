@@ -6,7 +6,8 @@ letter's base rate; if the gradient sign, the advantages, or the weight sync int
 wrong, the engine would keep sampling from the initial policy and the reward would not move. Over
 8 generation steps the mean reward of the last three steps must beat the first three by a wide
 margin, also with pipelined rollouts (``rollout.max_staleness`` 1: each batch sampled one policy
-version back, weighted by the off-policy correction).
+version back, weighted by the off-policy correction; one step more, so that its last three
+batches come from the same policy versions as the synchronous run's).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ def letter_share_reward(responses: list[str], samples: list[dict]) -> torch.Tens
 @pytest.mark.vllm
 @pytest.mark.parametrize("max_staleness", [0, 1], ids=["synchronous", "pipelined"])
 def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_path, max_staleness):
-    splits = generate_geometry_dataset(tmp_path / "geo", n_train=64, n_val=0, n_test=0)
+    # Pipelined, batch k is sampled by the policy after k-1 updates, not k: one step more gives its
+    # last three batches the same policy versions as the synchronous run's.
+    steps = 8 + max_staleness
+    splits = generate_geometry_dataset(tmp_path / "geo", n_train=8 * steps, n_val=0, n_test=0)
     pl.seed_everything(0)
     data = MayeDataModule(splits["train"], batch_size=8, processor_path=tiny_model_dir)
     module = ReinforcePP(
@@ -56,6 +60,6 @@ def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_pat
 
     rewards = [row["reward/letter"] for row in read_metrics(trainer.log_dir) if "reward/letter" in row]
     print(f"reward/letter per generation step: {[round(r, 3) for r in rewards]}")
-    assert len(rewards) == 8  # 64 prompts / 8 per step
+    assert len(rewards) == steps  # 8 prompts per step
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.08, f"reward did not rise: first steps {rewards[:3]}, last steps {rewards[-3:]}"

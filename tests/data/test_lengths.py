@@ -19,7 +19,10 @@ import maye_pl.data.lengths as lengths
 from maye_pl.data import DatasetError, MayeDataModule
 from maye_pl.data.datamodule import MayeDataset, PromptCollator
 from maye_pl.data.jsonl import load_split
+from maye_pl.models.adapters import ADAPTERS
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+
+QWEN2_5_VL = ADAPTERS["qwen2_5_vl"]  # the tiny model's family
 
 
 def _split(tmp_path, questions: list[str], sizes: list[tuple[int, int]], name: str = "train") -> str:
@@ -36,7 +39,7 @@ def _split(tmp_path, questions: list[str], sizes: list[tuple[int, int]], name: s
 
 def _text_tokens(processor, question: str) -> int:
     """Tokens of the rendered prompt text, its single <|image_pad|> counted once."""
-    collate = PromptCollator(processor, "cot")
+    collate = PromptCollator(processor, "cot", QWEN2_5_VL.image_placeholder)
     [item] = collate([{"question": "<image>" + question, "source": "x"}])
     return len(processor.tokenizer(item["prompt"])["input_ids"])
 
@@ -45,7 +48,7 @@ def test_count_is_the_prompt_with_its_image_expanded(tiny_processor, tiny_model_
     # 56x56 px = 4x4 patches of 14 px, merged 2x2 -> 4 vision tokens; 112x56 -> 8x4 / 4 = 8.
     path = _split(tmp_path, ["Find x.", "What is the area of the triangle?"], [(56, 56), (112, 56)])
     dataset = MayeDataset(load_split(path), "train")
-    counts = lengths.prompt_token_counts(dataset, PromptCollator(tiny_processor, "cot"))
+    counts = lengths.prompt_token_counts(dataset, PromptCollator(tiny_processor, "cot", QWEN2_5_VL.image_placeholder))
     assert counts == [_text_tokens(tiny_processor, "Find x.") - 1 + 4,
                       _text_tokens(tiny_processor, "What is the area of the triangle?") - 1 + 8]
 
@@ -103,7 +106,7 @@ def test_vllm_measures_the_same_length(vllm_engine, tiny_processor, tmp_path):
     refusal quotes the same length: it expands the image placeholder as we do."""
     from maye_pl.rollout.vllm_engine import VLLMEngineError
 
-    collate = PromptCollator(tiny_processor, "cot")
+    collate = PromptCollator(tiny_processor, "cot", QWEN2_5_VL.image_placeholder)
 
     def counted(words: int) -> tuple[MayeDataset, int]:
         path = _split(tmp_path, ["Find x." + " a" * words], [(112, 56)])

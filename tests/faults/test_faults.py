@@ -56,7 +56,9 @@ def _stopped_before_the_engine(workdir: Path, name: str, *extra: str) -> str:
     args, env, _ = fit_command(workdir, name, *extra)
     result = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-4000:]
-    assert "maye_pl-vllm-engine" not in result.stdout + result.stderr  # the engine's log prefix: it never started
+    output = result.stdout + result.stderr
+    # Neither maye_pl's engine-ready line nor the engine's own log prefix: it never started.
+    assert "vLLM engine on" not in output and "maye_pl-vllm-engine" not in output
     return result.stderr
 
 
