@@ -272,12 +272,11 @@ class RolloutCallback(pl.Callback):
         """Every rank sends its prompts to rank 0, which queues them all in the engine at once."""
         requests = pl_module.requests(prompts)
         ids = [sample["id"] for sample in prompts]
-        prompt_ids, gathered = [ids], [requests]
+        prompt_ids = [ids]
         if _distributed():
             prompt_ids = [None] * dist.get_world_size()
             dist.all_gather_object(prompt_ids, ids)
-            gathered = [None] * dist.get_world_size() if trainer.is_global_zero else None
-            dist.gather_object(requests, gathered, dst=0)
+        gathered = _gather_to_rank_zero(requests)
         handle = None
         if trainer.is_global_zero:
             handle = self.engine.submit(
@@ -300,10 +299,9 @@ class RolloutCallback(pl.Callback):
             )
         per_rank: list[Any] | None = None
         if trainer.is_global_zero:
-            rollouts, G = submission.handle.result(), pl_module.sampling.n
             seconds = submission.handle.engine_seconds or 0.0
-            ends = list(accumulate(len(ids) * G for ids in submission.prompt_ids))
-            per_rank = [(rollouts[end - len(ids) * G : end], seconds) for ids, end in zip(submission.prompt_ids, ends)]
+            parts = _split_by_rank(submission.handle.result(), [len(ids) for ids in submission.prompt_ids], pl_module.sampling.n)
+            per_rank = [(part, seconds) for part in parts]
         if not _distributed():
             return per_rank[0]
         received: list[Any] = [None]
@@ -349,17 +347,11 @@ class RolloutCallback(pl.Callback):
         """Rank 0 generates every rank's requests in one engine call; each rank gets its own back."""
         if not _distributed():
             return self.engine.generate(requests, sampling)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        gathered: list[list[RolloutRequest]] | None = [None] * world if rank == 0 else None  # type: ignore[list-item]
-        dist.gather_object(requests, gathered, dst=0)
-        scattered: list[list[Rollout]] | None = None
-        if rank == 0:
+        gathered = _gather_to_rank_zero(requests)
+        scattered = None
+        if gathered is not None:
             rollouts = self.engine.generate([r for rank_requests in gathered for r in rank_requests], sampling)
-            scattered, start = [], 0
-            for rank_requests in gathered:
-                end = start + len(rank_requests) * sampling.n
-                scattered.append(rollouts[start:end])
-                start = end
+            scattered = _split_by_rank(rollouts, [len(rank_requests) for rank_requests in gathered], sampling.n)
         received: list[Any] = [None]
         dist.scatter_object_list(received, scattered, src=0)
         return received[0]
@@ -367,3 +359,18 @@ class RolloutCallback(pl.Callback):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_to_rank_zero(requests: list[RolloutRequest]) -> list[list[RolloutRequest]] | None:
+    """Every rank's requests, in rank order, on global rank 0 (None elsewhere); all ranks must call."""
+    if not _distributed():
+        return [requests]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(requests, gathered, dst=0)
+    return gathered
+
+
+def _split_by_rank(rollouts: list[Rollout], prompts_per_rank: list[int], n: int) -> list[list[Rollout]]:
+    """Rank-major rollouts (n per prompt, request-major within a rank) cut into each rank's share."""
+    ends = list(accumulate(count * n for count in prompts_per_rank))
+    return [rollouts[end - count * n : end] for count, end in zip(prompts_per_rank, ends)]
