@@ -19,7 +19,8 @@ Methods, each pushing every parameter into a sink:
 Every method is one transaction of the sink (``with sink.weight_update() as push``). Sinks:
 ``no-op`` (``push`` returns at once: the cost of the gather side alone) and, with ``--engine``,
 ``vllm``: a real ``VLLMEngine`` started on the same weights, once per weight transport
-(``collective``: broadcast over a gloo group here; ``pipe``: safetensors bytes), with the
+(``collective``: broadcast over a gloo group here; ``shared_memory``: written into a buffer the
+engine maps; ``pipe``: safetensors bytes), with the
 engine's ``weight_bucket_bytes`` set to the same b, as the callback configures it (256 MiB for
 the baseline, the engine's default). The collective group is formed by an empty transaction
 before timing (once per engine lifetime, not per sync).
@@ -28,8 +29,9 @@ Single process, so the streamed gather yields detached views of the parameters: 
 stream's extra memory is ~0 by construction, and the bucket bound that matters under FSDP2
 (rank 0 holds at most a bucket plus one full parameter) is not exercised here. With the engine,
 the trainer-side extra memory is what the transport allocates (pipe: a dtype-converted bucket
-and its safetensors bytes; collective: nothing when the dtypes match); the engine process's own
-memory (its receive buffer) is not counted.
+and its safetensors bytes; collective: nothing when the dtypes match; shared_memory: its
+bucket-sized buffer, mapped at the first sync, i.e. inside the full-copy run, and held from then
+on); the engine process's own memory (its receive buffer) is not counted.
 
 Memory is peak extra RSS of this process (``VmHWM`` reset per run, see ``bench_logprobs.py``);
 time is the median wall time of ``--repeats`` runs.
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -161,8 +162,6 @@ def engine_results(
     from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
 
     checkpoint = write_checkpoint(model, tiny_dir, work_dir / "mid_qwen2_5_vl")
-    # The engine inherits the environment; its INFO log would bury the table.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     engine = VLLMEngine(
         checkpoint,
         dtype="float32",
@@ -170,6 +169,7 @@ def engine_results(
         max_num_seqs=8,
         kv_cache_memory_bytes=256 * MiB,
         device="cpu",
+        log_level="error",  # vLLM logs to stdout: its warnings would break the JSON output
     )
     results = []
     try:

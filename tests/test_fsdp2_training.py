@@ -77,15 +77,18 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
 # Qwen3-VL's layout differs (DeepStack mergers in the root unit); Qwen2-VL's parts and units are
 # Qwen2.5-VL's and it passes too (`-k qwen2_vl` after adding it here), left out for the suite's time
 # budget; Qwen3.5 has no fp32 CPU engine (ENGINE_FAMILIES).
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"], indirect=True)
-def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir):
+@pytest.mark.parametrize(("family", "sharded_transport"),
+                         [("qwen2_5_vl", "collective"), ("qwen3_vl", "shared_memory")],
+                         indirect=["family"])
+def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, sharded_transport):
     model, config = family_model_dir, DEMO_CONFIGS[family]
     train = _same_problem_split(tmp_path)
+    # The runs use different weight transports: the sharded one streams out of the shards over the
+    # engine's private gloo group (the default) or through shared memory, the single one sends
+    # safetensors bytes through the pipe.
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
-                   "--trainer.strategy", "fsdp2",
+                   "--trainer.strategy", "fsdp2", "--rollout.weight_transport", sharded_transport,
                    "--data.batch_size", "2", "--model.ppo_batch_size", "4", config=config)
-    # The two runs use different weight transports: the sharded one broadcasts over the engine's
-    # private gloo group (the default), the single one sends safetensors bytes through the pipe.
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8",
                   "--rollout.weight_transport", "pipe", config=config)
 
@@ -100,10 +103,10 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir):
     moved = max((single_weights[k] - initial[k]).abs().max().item() for k in single_weights)
     print(f"max |trained - initial| = {moved:.3g}")
     assert moved > 10 * max(diff, 1e-7)  # the runs trained: weights moved far beyond their difference
-    # The second step sampled from weights streamed out of the shards (collective transport), or
-    # out of the single process (pipe): the engine's logprobs of its own samples equal the
-    # trainer's (mean abs difference over every sampled token).
-    for label, checkpoint in (("2 FSDP2 ranks, collective", sharded), ("1 process, pipe", single)):
+    # The second step sampled from weights streamed out of the shards, or out of the single
+    # process (pipe): the engine's logprobs of its own samples equal the trainer's (mean abs
+    # difference over every sampled token).
+    for label, checkpoint in ((f"2 FSDP2 ranks, {sharded_transport}", sharded), ("1 process, pipe", single)):
         rows = [json.loads(line) for line in (checkpoint.parent.parent / "metrics.jsonl").read_text().splitlines()]
         mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
         print(f"engine/trainer logprob mismatch per step ({label}): {mismatch}")

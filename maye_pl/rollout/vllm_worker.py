@@ -12,14 +12,17 @@ until the layer is complete, then re-runs the layer's post-load processing. ``re
 wraps that machinery in one call that wants every weight in one iterator; streaming in buckets
 needs its three phases as separate calls: begin, load bucket after bucket, finish.
 
-Two transports deliver the buckets: ``maye_receive_weight_bucket`` receives a bucket by broadcast
-over a private process group with the trainer (``weight_transport``) into a receive buffer
-allocated once; ``maye_load_weight_bucket`` takes a safetensors blob that crossed the pipe (the
-fallback; tensors passed as ``collective_rpc`` arguments do not survive the trip into vLLM's
-engine process, bytes do).
+Three transports deliver the buckets: ``maye_receive_weight_bucket`` receives a bucket by
+broadcast over a private process group with the trainer (``weight_transport``) into a receive
+buffer allocated once; ``maye_load_shared_weight_bucket`` loads a bucket the trainer wrote into
+memory both processes map (a CPU engine); ``maye_load_weight_bucket`` takes a safetensors blob
+that crossed the pipe (the fallback; tensors passed as ``collective_rpc`` arguments do not survive
+the trip into vLLM's engine process, bytes do).
 """
 
 from __future__ import annotations
+
+import os
 
 import safetensors.torch
 import torch
@@ -56,20 +59,19 @@ class WeightSyncExtension:
         """Receive a bucket by broadcast (``metas``: name, shape, dtype each) and load it; returns
         its tensor count."""
         receiver = self._maye_receiver
-        tensors = receiver.receive(metas)
-        self._maye_load(tensors)
-        # A layer whose weights straddle two buckets (or that is processed only at the finish)
-        # keeps its loaded tensors until then; the next bucket overwrites the buffer, so those
-        # tensors get their own copy.
-        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+        return self._maye_load_from_buffer(receiver.receive(metas), receiver.buffer)
 
-        for layer in self.model_runner.get_model().modules():
-            info = LAYERWISE_INFO.get(layer)
-            for _, bound in info.loaded_weights if info is not None else ():
-                for key, value in bound.arguments.items():
-                    if isinstance(value, torch.Tensor) and receiver.owns(value):
-                        bound.arguments[key] = value.clone()
-        return len(tensors)
+    def maye_map_shared_weight_buffer(self, fd: int, nbytes: int) -> None:
+        """Map the trainer's shared bucket buffer (``fd``: a descriptor of this process)."""
+        try:
+            self._maye_shared_buffer = weight_transport.map_shared_buffer(fd, nbytes)
+        finally:
+            os.close(fd)
+
+    def maye_load_shared_weight_bucket(self, metas: list[weight_transport.TensorMeta]) -> int:
+        """Load the bucket the trainer wrote into the shared buffer; returns its tensor count."""
+        buffer = self._maye_shared_buffer
+        return self._maye_load_from_buffer(weight_transport.bucket_views(buffer, metas), buffer)
 
     def maye_finish_weight_update(self) -> list[str]:
         """Process the loaded layers into kernel layout; returns the vLLM parameters not updated."""
@@ -97,6 +99,21 @@ class WeightSyncExtension:
             # to its fused parameters (qkv_proj, gate_up_proj).
             self._maye_loaded |= self.model_runner.get_model().load_weights(iter(tensors))
         self._maye_counts()["buckets"] += 1
+
+    def _maye_load_from_buffer(self, tensors: list[tuple[str, torch.Tensor]], buffer: torch.Tensor) -> int:
+        """Load ``tensors``, views of a transfer ``buffer`` the next bucket overwrites."""
+        self._maye_load(tensors)
+        # A layer whose weights straddle two buckets (or that is processed only at the finish)
+        # keeps its loaded tensors until then; those tensors get their own copy.
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+        for layer in self.model_runner.get_model().modules():
+            info = LAYERWISE_INFO.get(layer)
+            for _, bound in info.loaded_weights if info is not None else ():
+                for key, value in bound.arguments.items():
+                    if isinstance(value, torch.Tensor) and weight_transport.owns(buffer, value):
+                        bound.arguments[key] = value.clone()
+        return len(tensors)
 
     def _maye_counts(self) -> dict[str, int]:
         if not hasattr(self, "_maye_update_counts"):

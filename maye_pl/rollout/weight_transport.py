@@ -11,21 +11,29 @@ Each bucket travels as one broadcast per tensor, straight from the trainer's ten
 of a receive buffer the worker allocated once (``BucketReceiver``); the pipe carries only the
 control message (names, shapes, dtypes). Every operation has the group's timeout, so a dead or
 stuck peer becomes an error, never a hang.
+
+An engine on the trainer host's CPU has a shorter way: ``shared_memory``. The trainer writes each
+bucket into a buffer both processes map (an anonymous ``memfd``, its descriptor passed once over
+the pipe) and the worker loads straight from it: one memcpy instead of gloo's socket round trip
+(about 6 GB/s against 1-2 GB/s on loopback here). Not bound by ``/dev/shm``'s size (a container's
+64 MiB default), and nothing to unlink: the memory goes when both processes have closed it.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import mmap
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch._C._distributed_c10d import BroadcastOptions, PrefixStore, TCPStore
 
-WEIGHT_TRANSPORTS = ("collective", "pipe")
-"""``rollout.weight_transport`` values: a broadcast over a 2-process group, or safetensors bytes
-through the engine's pipe (the fallback)."""
+WEIGHT_TRANSPORTS = ("collective", "shared_memory", "pipe")
+"""``rollout.weight_transport`` values: a broadcast over a 2-process group, a buffer shared with an
+engine on the trainer host's CPU, or safetensors bytes through the engine's pipe (the fallback)."""
 
 LOOPBACK = "127.0.0.1"  # the engine is a child process of the trainer: always the same host
 TRAINER_RANK, ENGINE_RANK, GROUP_SIZE = 0, 1, 2
@@ -42,8 +50,9 @@ def check_transport(transport: str) -> str:
     if transport not in WEIGHT_TRANSPORTS:
         raise ValueError(
             f"rollout.weight_transport={transport!r} must be one of {WEIGHT_TRANSPORTS}: "
-            "'collective' broadcasts the weights over a process group (the default), 'pipe' "
-            "sends them as bytes through the engine's pipe (the fallback)."
+            "'collective' broadcasts the weights over a process group (the default), "
+            "'shared_memory' writes them into memory shared with a CPU engine, 'pipe' sends them "
+            "as bytes through the engine's pipe (the fallback)."
         )
     return transport
 
@@ -124,6 +133,31 @@ def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
         yield bucket
 
 
+def bucket_nbytes(metas: list[TensorMeta]) -> int:
+    """Bytes a bucket occupies in a transfer buffer (each tensor's slice 64-byte aligned)."""
+    return sum(-(-_nbytes(shape, dtype_name) // _ALIGN) * _ALIGN for _, shape, dtype_name in metas)
+
+
+def bucket_views(buffer: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
+    """The bucket's tensors as views of ``buffer`` (uint8, at least ``bucket_nbytes`` long), laid
+    out in ``metas`` order: the layout both ends of a transport agree on."""
+    tensors, offset = [], 0
+    for name, shape, dtype_name in metas:
+        nbytes = _nbytes(shape, dtype_name)
+        tensors.append((name, buffer[offset : offset + nbytes].view(getattr(torch, dtype_name)).view(shape)))
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    return tensors
+
+
+def _nbytes(shape: tuple[int, ...], dtype_name: str) -> int:
+    return math.prod(shape) * getattr(torch, dtype_name).itemsize
+
+
+def owns(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a view of ``buffer`` (and so is overwritten by the next bucket)."""
+    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
 class BucketReceiver:
     """The engine's receive buffer: one flat allocation, grown only for a larger bucket.
 
@@ -139,21 +173,27 @@ class BucketReceiver:
 
     def receive(self, metas: list[TensorMeta]) -> NamedTensors:
         """Receive one bucket; the tensors are views of the buffer, valid until the next bucket."""
-        layout, total = [], 0
-        for name, shape, dtype_name in metas:
-            dtype = getattr(torch, dtype_name)
-            nbytes = math.prod(shape) * dtype.itemsize
-            layout.append((name, shape, dtype, total, nbytes))
-            total += -(-nbytes // _ALIGN) * _ALIGN
+        total = bucket_nbytes(metas)
         if total > self.buffer.numel():
             self.buffer = torch.empty(total, dtype=torch.uint8, device=self.buffer.device)
-        tensors = [
-            (name, self.buffer[offset : offset + nbytes].view(dtype).view(shape))
-            for name, shape, dtype, offset, nbytes in layout
-        ]
+        tensors = bucket_views(self.buffer, metas)
         broadcast_tensors(self.group, [tensor for _, tensor in tensors])
         return tensors
 
-    def owns(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a view of the receive buffer (overwritten by the next bucket)."""
-        return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+
+def create_shared_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
+    """A ``nbytes`` uint8 buffer in anonymous shared memory, and the descriptor that maps it in
+    another process (``map_shared_buffer``); the caller closes the descriptor once it is sent."""
+    fd = os.memfd_create("maye_pl-weights", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        return map_shared_buffer(fd, nbytes), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_shared_buffer(fd: int, nbytes: int) -> torch.Tensor:
+    """The ``nbytes`` of shared memory behind ``fd`` as a writable uint8 tensor (it keeps the
+    mapping alive; ``fd`` may be closed afterwards)."""
+    return torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8)

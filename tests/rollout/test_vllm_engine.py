@@ -61,7 +61,7 @@ def test_a_sync_is_one_transaction_of_bounded_buckets(
     finalizes once per sync, however many buckets it loads (its own counters, read by RPC).
     With the ViT frozen, the second sync of a plan sends only the LLM, and the engine keeps the
     ViT it was not sent: greedy image rollouts are unchanged after both syncs (same weights).
-    Both transports on Qwen2.5-VL; the collective one on every other model family."""
+    Every transport on Qwen2.5-VL; the collective one on every other model family."""
     monkeypatch.setattr(family_engine, "weight_transport", transport)
     monkeypatch.setattr(family_engine, "weight_bucket_bytes", 64 * 1024)
     policy = load_policy(family_model_dir).eval()
@@ -129,20 +129,23 @@ def test_a_failed_update_shuts_the_engine_down(tiny_model_dir, policy):
         engine.generate([RolloutRequest("hi")], SamplingConfig(max_tokens=2))
 
 
-def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_dir, policy):
-    """The engine dies between two buckets of a collective transaction: the next push raises a
-    clear error at once, not after the group's timeout (20 s here); the engine is shut down (its
-    half-updated weights never serve a rollout) and none of its processes is left."""
+@pytest.mark.parametrize("transport", ["collective", "shared_memory"])
+def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_dir, policy, transport):
+    """The engine dies between two buckets of a transaction: the next push raises a clear error
+    at once (for the collective transport: not after the group's timeout, 20 s here); the engine
+    is shut down (its half-updated weights never serve a rollout) and none of its processes is
+    left. (The pipe transport fails like shared memory: on the pipe.)"""
     engine = VLLMEngine(
         tiny_model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26,
         device="cpu", weight_bucket_bytes=64 * 1024, weight_group_timeout_s=20,
+        weight_transport=transport,
     )
     host = psutil.Process(engine.pid)
     family = [host, *host.children(recursive=True)]
     buckets = iter_full_parameters(policy, bucket_bytes=64 * 1024)
     with pytest.raises(VLLMEngineError, match="vLLM engine process died during"):
         with engine.weight_update() as push:
-            push(next(buckets))  # the group is up and carries a bucket
+            push(next(buckets))  # the transport is up and has carried a bucket
             host.kill()
             killed = time.monotonic()
             for bucket in buckets:

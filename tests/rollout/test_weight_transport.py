@@ -1,9 +1,10 @@
-"""The collective weight transport on its own (no vLLM): two members of a private gloo group in
-one process, the sender's tensors arriving bit-exact in the receiver's preallocated buffer, the
-backend chosen by device, and the config check."""
+"""The weight transports on their own (no vLLM): two members of a private gloo group in one
+process, the sender's tensors arriving bit-exact in the receiver's preallocated buffer, the
+backend chosen by device; the shared buffer's two mappings of one memory; the config checks."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -17,12 +18,18 @@ from maye_pl.rollout.weight_transport import (
     BucketReceiver,
     backend_for,
     broadcast_tensors,
+    bucket_nbytes,
+    bucket_views,
     bucketed,
     close_group,
     connect_store,
+    create_shared_buffer,
     join_group,
+    map_shared_buffer,
     open_store,
+    owns,
 )
+from maye_pl.rollout import vllm_engine
 
 
 def test_backend_follows_the_engine_device() -> None:
@@ -31,7 +38,7 @@ def test_backend_follows_the_engine_device() -> None:
 
 
 def test_an_unknown_transport_names_the_key_and_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"rollout.weight_transport='shm' must be one of \('collective', 'pipe'\)"):
+    with pytest.raises(ValueError, match=r"rollout.weight_transport='shm' must be one of \('collective', 'shared_memory', 'pipe'\)"):
         RolloutCallback(weight_transport="shm")
 
 
@@ -57,7 +64,7 @@ def test_buckets_arrive_exactly_in_the_receive_buffer_and_the_default_group_is_u
         for bucket in (first, second):
             metas = [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
             tensors = receiver.receive(metas)
-            assert all(receiver.owns(tensor) for _, tensor in tensors)
+            assert all(owns(receiver.buffer, tensor) for _, tensor in tensors)
             assert all(tensor.data_ptr() % 64 == 0 for _, tensor in tensors)
             received.append([(name, tensor.clone()) for name, tensor in tensors])
             buffers.append(receiver.buffer.numel())
@@ -77,3 +84,25 @@ def test_buckets_arrive_exactly_in_the_receive_buffer_and_the_default_group_is_u
             assert a.dtype == b.dtype and torch.equal(a, b)
     # 3x5 fp32 = 60 B -> 64; 7 int64 = 56 B -> 64; 9 fp16 = 18 B -> 64: 192 B fit in 1 KiB.
     assert buffers == [1024, 6400]
+
+
+def test_a_shared_buffer_maps_one_memory_wherever_its_descriptor_goes() -> None:
+    """What the trainer writes through its mapping is what a second mapping of the descriptor
+    (the engine's) reads, bit-exact, in the layout both sides derive from the control message."""
+    bucket = [("w", torch.randn(3, 5)), ("ids", torch.arange(7, dtype=torch.int64)), ("h", torch.randn(9).half())]
+    metas = [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
+    assert bucket_nbytes(metas) == 192  # three 64-byte aligned slices
+    trainer_side, fd = create_shared_buffer(bucket_nbytes(metas))
+    engine_side = map_shared_buffer(fd, bucket_nbytes(metas))
+    os.close(fd)  # the mappings keep the memory
+    for (_, view), (_, tensor) in zip(bucket_views(trainer_side, metas), bucket):
+        view.copy_(tensor)
+    for (name, got), (sent_name, sent) in zip(bucket_views(engine_side, metas), bucket):
+        assert name == sent_name and got.dtype == sent.dtype and torch.equal(got, sent)
+        assert owns(engine_side, got) and not owns(trainer_side, got)
+
+
+def test_shared_memory_is_refused_for_a_gpu_engine(monkeypatch) -> None:
+    monkeypatch.setattr(vllm_engine, "choose_engine_device", lambda *args, **kwargs: "cuda:7")
+    with pytest.raises(ValueError, match=r"weight_transport='shared_memory' needs the engine on this host's CPU, not on cuda:7"):
+        vllm_engine.VLLMEngine("unused", weight_transport="shared_memory")
