@@ -1,4 +1,19 @@
-from maye_pl.cli import main
+import os
+import sys
 
+# Spawned children (the vLLM engine host, the judge worker) import this module as their
+# ``__mp_main__``; everything stays under the guard, so they skip the CLI's imports (~5 s).
 if __name__ == "__main__":
+    from maye_pl.rollout import vllm_engine
+
+    # The process that will own the engine (global rank 0; Lightning re-runs this command for the
+    # other local ranks with LOCAL_RANK set) starts an engine host now: vLLM's import then runs
+    # beside the CLI's instead of after it. A run that never starts a vLLM engine stops it.
+    owns_engine = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if owns_engine and command in ("fit", "validate", "test") and not {"-h", "--help"} & set(sys.argv):
+        vllm_engine.prestart_host()
+
+    from maye_pl.cli import main
+
     main()

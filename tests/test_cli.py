@@ -125,6 +125,12 @@ def test_demo_fit_test_and_report(tmp_path):
     for run_dir in run_dirs:
         logged = set().union(*(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()))
         assert not [name for name in EXPECTED_METRICS if name not in logged], run_dir
+        # The engine's own generation time, known once the rollouts are resolved (it read 0 before
+        # the rollouts came back, and tokens/s 1e9 times the truth).
+        for row in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()):
+            if "perf/generate_s" in row:
+                tokens = row["perf/generate_tokens_per_s"] * row["perf/generate_s"]
+                assert row["perf/generate_s"] > 0 and tokens >= 1 and abs(tokens - round(tokens)) < 1e-6 * tokens
     pipelined_rows = [json.loads(line) for line in (run_dirs[1] / "metrics.jsonl").read_text().splitlines()]
     # Epoch 2's batch was generated during epoch 1, by the weights before that epoch's update.
     assert [row["policy/staleness"] for row in pipelined_rows if "policy/staleness" in row] == [0.0, 4.0]

