@@ -5,6 +5,7 @@
 - ``rollout_requests``: three ``RolloutRequest``s (64 px image, text only, 112x84 image).
 - ``vllm_engine``: a real ``VLLMEngine`` on the tiny model (session-wide: restore weights you
   change).
+- ``warm_engine_host`` (autouse): an engine host with vLLM imported waits for the next CPU engine.
 
 Per model family (``family`` is parametrized over every adapter: a test that asks for it runs once
 per family; pytest groups the tests by family, so each family's fixtures are built once):
@@ -70,6 +71,20 @@ def _requests(processor, family: str) -> list:
 def rollout_requests(tiny_processor) -> list:
     """Two image prompts of different sizes (4 and 12 vision tokens) and a text-only prompt."""
     return _requests(tiny_processor, DEFAULT_TINY_MODEL_TYPE)
+
+
+@pytest.fixture(autouse=True)
+def warm_engine_host():
+    """Keep one engine host that has already imported vLLM waiting in this process, as
+    ``python -m maye_pl fit`` does (``vllm_engine.prestart_host``): the next CPU ``VLLMEngine`` a
+    test starts here (a fixture's, a test's own, an in-process ``Trainer``'s) adopts it, and its
+    start costs the model load instead of ~8 s of imports. Restarted after each test that took it;
+    the last one is stopped at exit."""
+    from maye_pl.rollout import vllm_engine
+
+    vllm_engine.prestart_host()
+    yield
+    vllm_engine.prestart_host()
 
 
 def _start_engine(model_dir: Path):

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from maye_pl.cli import MayeCLI
+from maye_pl.rollout.vllm_engine import HOST_PROCESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -94,7 +95,7 @@ def _engine_processes() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["name", "cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "maye_pl-vllm-engine" in (process.info["name"] or "") or "EngineCore" in cmdline:
+        if process.info["name"] == HOST_PROCESS_NAME or "EngineCore" in cmdline:
             found.append(process)
     return found
 

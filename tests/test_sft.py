@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from maye_pl.cli import main as maye_pl_main
+from maye_pl.rollout.vllm_engine import HOST_PROCESS_NAME
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
 from maye_pl.sft import SFT
@@ -112,7 +113,7 @@ def _engine_pids() -> set[int]:
 
     found = set()
     for process in psutil.process_iter(["name", "cmdline"]):
-        if "maye_pl-vllm-engine" in (process.info["name"] or "") or "EngineCore" in " ".join(process.info["cmdline"] or []):
+        if process.info["name"] == HOST_PROCESS_NAME or "EngineCore" in " ".join(process.info["cmdline"] or []):
             found.add(process.pid)
     return found
 

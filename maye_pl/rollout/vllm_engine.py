@@ -70,6 +70,9 @@ from maye_pl.rollout.weight_transport import (
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+HOST_PROCESS_NAME = "maye_pl-engine"
+"""The engine host's process name (``ps``, ``psutil.Process.name()``; Linux keeps 15 bytes)."""
 # Request ids on the pipe: the host's start-up reply, and the shutdown request nobody waits for.
 _START_REQUEST_ID = 0
 _SHUTDOWN_REQUEST_ID = -1
@@ -582,9 +585,12 @@ def _stop_host(process: multiprocessing.process.BaseProcess, conn, grace_s: floa
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when the trainer dies (Linux; no-op elsewhere)."""
+    """Have the kernel SIGKILL this process when the trainer dies, and name it ``maye_pl-engine``
+    for ``ps``/``top`` (Linux; no-op elsewhere)."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(HOST_PROCESS_NAME.encode()))
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
