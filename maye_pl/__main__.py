@@ -9,9 +9,11 @@ if __name__ == "__main__":
     # The process that will own the engine (global rank 0; Lightning re-runs this command for the
     # other local ranks with LOCAL_RANK set) starts an engine host now: vLLM's import then runs
     # beside the CLI's instead of after it. A run that never starts a vLLM engine stops it.
+    # MAYE_PL_PRESTART_ENGINE=0 turns this off (scripts/bench_startup.py measures both).
     owns_engine = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    wanted = os.environ.get("MAYE_PL_PRESTART_ENGINE", "1") != "0"
     command = sys.argv[1] if len(sys.argv) > 1 else None
-    if owns_engine and command in ("fit", "validate", "test") and not {"-h", "--help"} & set(sys.argv):
+    if wanted and owns_engine and command in ("fit", "validate", "test") and not {"-h", "--help"} & set(sys.argv):
         vllm_engine.prestart_host()
 
     from maye_pl.cli import main
