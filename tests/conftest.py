@@ -5,7 +5,8 @@
 - ``rollout_requests``: three ``RolloutRequest``s (64 px image, text only, 112x84 image).
 - ``vllm_engine``: a real ``VLLMEngine`` on the tiny model (session-wide: restore weights you
   change).
-- ``warm_engine_host`` (autouse): an engine host with vLLM imported waits for the next CPU engine.
+- ``warm_engine_host`` (autouse): around ``vllm``-marked tests, an engine host with vLLM imported
+  waits for the next CPU engine.
 
 Per model family (``family`` is parametrized over every adapter: a test that asks for it runs once
 per family; pytest groups the tests by family, so each family's fixtures are built once):
@@ -74,17 +75,21 @@ def rollout_requests(tiny_processor) -> list:
 
 
 @pytest.fixture(autouse=True)
-def warm_engine_host():
+def warm_engine_host(request: pytest.FixtureRequest):
     """Keep one engine host that has already imported vLLM waiting in this process, as
     ``python -m maye_pl fit`` does (``vllm_engine.prestart_host``): the next CPU ``VLLMEngine`` a
     test starts here (a fixture's, a test's own, an in-process ``Trainer``'s) adopts it, and its
-    start costs the model load instead of ~8 s of imports. Restarted after each test that took it;
-    the last one is stopped at exit."""
+    start costs the model load instead of ~8 s of imports. Started with the first test marked
+    ``vllm`` and again after each one (it may have taken the host), so a run without such tests
+    (``-m "not vllm"``) imports no vLLM; the last one is stopped at exit."""
     from maye_pl.rollout import vllm_engine
 
-    vllm_engine.prestart_host()
+    uses_vllm = request.node.get_closest_marker("vllm") is not None
+    if uses_vllm:
+        vllm_engine.prestart_host()
     yield
-    vllm_engine.prestart_host()
+    if uses_vllm:
+        vllm_engine.prestart_host()
 
 
 def _start_engine(model_dir: Path):

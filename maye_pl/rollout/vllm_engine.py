@@ -317,8 +317,9 @@ class VLLMEngine:
     def _push_shared(self, bucket: NamedTensors) -> None:
         for part in bucketed(bucket, self.weight_bucket_bytes):
             metas = self._metas(part)
-            if self._shared_buffer is None or bucket_nbytes(metas) > self._shared_buffer.numel():
-                self._map_shared_buffer(max(bucket_nbytes(metas), self.weight_bucket_bytes))
+            nbytes = bucket_nbytes(metas)
+            if self._shared_buffer is None or nbytes > self._shared_buffer.numel():
+                self._map_shared_buffer(max(nbytes, self.weight_bucket_bytes))
             # The worker is idle (the previous bucket's load has returned): overwrite in place,
             # converting to the engine dtype on the way.
             for (_, view), (_, tensor) in zip(bucket_views(self._shared_buffer, metas), part):
@@ -503,6 +504,7 @@ def _spawn_host(env: dict[str, str], device: str) -> tuple[multiprocessing.proce
 
 
 _prestarted: tuple[multiprocessing.process.BaseProcess, Any] | None = None
+"""The host ``prestart_host`` started and no engine has adopted yet."""
 
 
 def prestart_host() -> bool:
@@ -523,7 +525,6 @@ def prestart_host() -> bool:
     if importlib.util.find_spec("vllm") is None:
         return False
     process, conn = _prestarted = _spawn_host(host_environment("cpu"), "cpu")
-    atexit.register(discard_prestarted_host)
     logger.debug("engine host prestarted (pid %d)", process.pid)
     return True
 
@@ -534,6 +535,9 @@ def discard_prestarted_host() -> None:
     if _prestarted is not None:
         _stop_host(*_prestarted, grace_s=0.0)  # it holds nothing yet; mid-import it cannot answer
         _prestarted = None
+
+
+atexit.register(discard_prestarted_host)
 
 
 def _take_prestarted_host(device: str) -> tuple[multiprocessing.process.BaseProcess, Any] | None:
@@ -762,13 +766,13 @@ def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
         op = "shutdown"
     if op == "shutdown":  # nobody adopted this host (a prestarted one, stopped at the trainer's exit)
         os._exit(0)
-    engine_args, env = payload
+    engine_args, engine_env = payload
     try:
         if import_error is not None:
             raise RuntimeError(f"importing vLLM failed:\n{import_error}")
         os.environ.clear()  # the engine's own environment (a prestarted host's was provisional)
-        os.environ.update(env)
-        _set_vllm_log_level(env["VLLM_LOGGING_LEVEL"])
+        os.environ.update(engine_env)
+        _set_vllm_log_level(engine_env["VLLM_LOGGING_LEVEL"])
         from vllm import LLM
 
         llm = LLM(**engine_args)

@@ -135,7 +135,7 @@ def bucketed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: in
 
 def bucket_nbytes(metas: list[TensorMeta]) -> int:
     """Bytes a bucket occupies in a transfer buffer (each tensor's slice 64-byte aligned)."""
-    return sum(-(-_nbytes(shape, dtype_name) // _ALIGN) * _ALIGN for _, shape, dtype_name in metas)
+    return sum(_aligned(_nbytes(shape, dtype_name)) for _, shape, dtype_name in metas)
 
 
 def bucket_views(buffer: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
@@ -145,12 +145,16 @@ def bucket_views(buffer: torch.Tensor, metas: list[TensorMeta]) -> NamedTensors:
     for name, shape, dtype_name in metas:
         nbytes = _nbytes(shape, dtype_name)
         tensors.append((name, buffer[offset : offset + nbytes].view(getattr(torch, dtype_name)).view(shape)))
-        offset += -(-nbytes // _ALIGN) * _ALIGN
+        offset += _aligned(nbytes)
     return tensors
 
 
 def _nbytes(shape: tuple[int, ...], dtype_name: str) -> int:
     return math.prod(shape) * getattr(torch, dtype_name).itemsize
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def owns(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
