@@ -39,10 +39,10 @@ from maye_pl.models.adapters import adapter_for
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
 from maye_pl.rewards import Judge, RewardTerm, default_rewards, judge_problems, resolve_rewards, score_responses
-from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory, engine_logprobs
+from maye_pl.types import Rollout, SamplingConfig
 
 
 class ReinforcePP(PaperEvaluation, pl.LightningModule):

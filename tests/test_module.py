@@ -15,7 +15,7 @@ from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation.step_metrics import log_reflective_sample
 from maye_pl.module import ReinforcePP
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import Rollout, SamplingConfig
+from maye_pl.types import Rollout, SamplingConfig
 
 
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):

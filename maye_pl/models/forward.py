@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from maye_pl.models.adapters import ModelAdapter
 from maye_pl.rl.logprobs import token_entropy, token_logprobs
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 
 @dataclass

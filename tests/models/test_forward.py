@@ -11,7 +11,7 @@ from PIL import Image
 from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.forward import build_policy_inputs, response_logprobs, select_rows
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 TEMPERATURE = 0.7
 
