@@ -21,7 +21,7 @@ MAX_LINES = 500
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("_torchvision_shim",),
-    ("maye_pl", "types"),  # the package root (applies the shim); the types every layer shares
+    ("errors", "maye_pl", "types"),  # user errors; the package root (applies the shim); the shared types
     ("rl", "rewards"),  # pure functions over tensors and strings
     ("models",),  # HF models: adapters, loading (also on the meta device), the trainer forward
     ("data", "strategies", "trajectory"),  # the data module; FSDP2 and weight streaming; the loss's inputs

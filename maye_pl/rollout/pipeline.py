@@ -90,9 +90,10 @@ class RolloutPipeline:
 
         The ranks gather the policy bucket by bucket onto global rank 0 (once, however many engines),
         which relays each full tensor to the other engine owners; every owner pushes each bucket
-        into its engine: one transaction per engine (one finalize and cache reset per sync), all
-        of them done before this returns, frozen parameters on the first sync only. Returns None
-        when nothing was stale.
+        into its engine: one transaction per engine (one finalize and cache reset per sync), frozen
+        parameters on the first sync only. An owner's transaction has finished when its call
+        returns, before it submits anything new, so every engine samples the next batch with the
+        new weights. Returns None when nothing was stale.
         """
         if not self.weights_stale:
             return None
