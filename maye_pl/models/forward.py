@@ -157,12 +157,10 @@ class ResponseScorer:
 
         Without a token budget the rows run ``forward_batch_size`` at a time (as before the budget
         existed); with one, in one pass (the plan already fits them into the budget)."""
-        step = len(rows) if self.budget is not None or not self.forward_batch_size else self.forward_batch_size
-        parts = [self._pass(part, return_entropy) for part in rows.split(max(step, 1))]
-        logprobs = torch.cat([lp for lp, _ in parts]) if parts else self._pass(rows, return_entropy)[0]
-        if not return_entropy:
-            return logprobs  # (n, T)
-        return logprobs, torch.cat([ent for _, ent in parts]) if parts else torch.zeros_like(logprobs)
+        step = self.forward_batch_size if self.budget is None and self.forward_batch_size else max(len(rows), 1)
+        parts = [self._pass(part, return_entropy) for part in rows.split(step)] or [self._pass(rows, return_entropy)]
+        logprobs = torch.cat([lp for lp, _ in parts])  # (n, T)
+        return (logprobs, torch.cat([ent for _, ent in parts])) if return_entropy else logprobs
 
     def _pass(self, rows: Tensor, return_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """One forward pass: (n, T) logprobs and entropies (None unless asked), 0 on padding."""

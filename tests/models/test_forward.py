@@ -6,6 +6,7 @@ budgets, one prompt pass per group, packed rows) give the padded path's log-prob
 from __future__ import annotations
 
 import copy
+import importlib.util
 from functools import partial
 from types import SimpleNamespace
 
@@ -267,3 +268,29 @@ def test_prefix_cache_refuses_sliding_window_layers(policy):
     config.layer_types = ["sliding_attention"] * config.num_hidden_layers
     with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] .* set `model.dedup_group_prompts` false"):
         PrefixCache.recorder(config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="needs a CUDA GPU and flash-attn")
+def test_flash_attention_packs_rows_like_the_padded_path(family, family_model_dir, family_processor, rows, adapter):
+    """On a GPU node (``pytest -m gpu``): flash-attention 2 in bf16 packs the rows (cu_seq_lens, 3-D
+    M-RoPE positions per row), and the packed, the shared-prompt and the padded paths are each as close
+    to an fp32 sdpa reference as bf16 rounding allows: a wrong position or a row attending across a
+    boundary would cost far more (MAYE's 1-D positions: 0.06 nats per image-row token)."""
+    requests, responses = rows
+    inputs = build_policy_inputs(family_processor, requests, responses, family_processor.tokenizer.pad_token_id,
+                                 adapter=adapter).to("cuda")
+    banned = adapter.vision_token_ids(family_processor.tokenizer)
+    reference_model = load_policy(family_model_dir).cuda().eval()
+    flash = load_policy(family_model_dir, dtype="bfloat16", attn_implementation="flash_attention_2").cuda().eval()
+    assert packs_rows(flash) == (family != "qwen3_5")
+    with torch.no_grad():
+        reference = response_logprobs(reference_model, inputs, temperature=TEMPERATURE, banned_token_ids=banned)
+        score = partial(response_logprobs, flash, inputs, temperature=TEMPERATURE, banned_token_ids=banned)
+        padded = score(forward_batch_size=2)  # rows padded (flash-attention unpads attention only)
+        mask = inputs.response_mask
+        padded_error = float((padded - reference).abs()[mask].mean())
+        for switches in (dict(max_tokens_per_micro_batch=_budget(inputs)), dict(dedup_group_prompts=True)):
+            error = float((score(**switches) - reference).abs()[mask].mean())
+            assert error <= 2 * padded_error + 1e-3, (switches, error, padded_error)
