@@ -11,7 +11,8 @@ shuffle matters); the same `fit` stopped in step 2 (SIGTERM; Ctrl-C to the proce
 pipelined one-process layout), which must finish that step and checkpoint it
 (PreemptionCheckpoint: trainer.save_checkpoint at the step boundary, like ModelCheckpoint), or
 sent SIGTERM during the validation after step 2 (validating layout), which must checkpoint at
-once, leaving the validation to the resumed run; either way it must say where the checkpoint is,
+once, leaving the validation to the resumed run (while it runs: the CLI gave the engine and the
+trainer disjoint CPU cores when pipelined, all cores to both when synchronous); either way it must say where the checkpoint is,
 exit 143 within 15 s of saying so, and leave no engine process; and a `fit --ckpt_path last`, which
 must pick that checkpoint over a newer one cut short by a crash. Steps 1-2 of the preempted run and
 3-4 of the resumed one (and the resumed run's validations, the cut one run again) must log the
@@ -32,6 +33,7 @@ next save succeeds and clears the partial leftovers.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -101,6 +103,7 @@ def _preempt(tmp_path: Path, name: str, how: str, *extra: str) -> tuple[Path, st
         else:
             run.wait_for_step(RESUME_AFTER)
         engines = run.engines()
+        _check_cores(run.ranks(), engines[0], pipelined="--rollout.max_staleness" in extra)
         run.interrupt() if how == "Ctrl-C" else run.process.send_signal(signal.SIGTERM)
         run.wait_for_output("Preempted by ")  # the step (or validation batch) ended, the checkpoint is written
         code, exit_s = run.wait(timeout_s=60)
@@ -110,6 +113,20 @@ def _preempt(tmp_path: Path, name: str, how: str, *extra: str) -> tuple[Path, st
     assert exit_s <= 15, f"{name} took {exit_s:.1f} s to stop after its checkpoint"
     assert engines and psutil.wait_procs(engines, timeout=1)[1] == [], "an engine process outlived the preempted run"
     return run.out, run.output
+
+
+def _check_cores(ranks: list[psutil.Process], engine: psutil.Process, pipelined: bool) -> None:
+    """The CLI divides the CPU between the trainer and the engine when they compute at once
+    (pipelined: disjoint cores, rollout.engine_cores auto = half), and not when they take turns."""
+    available = set(os.sched_getaffinity(0))
+    engine_cores = set(engine.cpu_affinity())
+    for rank in ranks:
+        trainer_cores = set(rank.cpu_affinity())
+        if pipelined and len(available) > 1:
+            assert engine_cores and trainer_cores and not engine_cores & trainer_cores, (engine_cores, trainer_cores)
+            assert len(engine_cores) == len(available) // 2 and engine_cores | trainer_cores <= available
+        else:
+            assert engine_cores == trainer_cores == available
 
 
 def _rows(tmp_path: Path, name: str, key: str, index: str) -> dict[int, dict[str, float]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
 from maye_pl.rollout.base import RolloutEngine
+from maye_pl.rollout.cores import pin_process, place_trainer_beside_cpu_engine
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
@@ -71,6 +73,7 @@ class RolloutCallback(pl.Callback):
         weight_transport: str = "collective",
         seed: int = 0,
         max_staleness: int = 0,
+        engine_cores: int | None = None,
         # vLLM only: start-up limit, concurrency, further engine arguments, log level
         startup_timeout_s: float = 900.0,
         max_num_seqs: int = 256,
@@ -100,6 +103,10 @@ class RolloutCallback(pl.Callback):
                 1: the engine generates batch k+1 while the trainer updates on batch k, with the
                 weights from before that update (the module corrects for it; see
                 ``ReinforcePP.off_policy_correction``).
+            engine_cores: A vLLM engine on the trainer's CPU gets this many of the cores the run
+                may use, the trainer the rest (each pinned, with as many threads); None: half of
+                them when ``max_staleness`` >= 1 (engine and trainer compute at once), none set
+                apart when synchronous (they take turns). See ``maye_pl.rollout.cores``.
             startup_timeout_s: Give up when the vLLM engine is not ready after this many seconds.
             max_num_seqs: Sequences vLLM decodes concurrently.
             engine_kwargs: Further ``vllm.LLM`` arguments, e.g. ``{max_num_batched_tokens: 8192}``;
@@ -115,7 +122,10 @@ class RolloutCallback(pl.Callback):
                 f"`rollout.max_staleness`={max_staleness} is not supported; use 0 (synchronous, MAYE) or 1 "
                 "(generate the next batch during the update)."
             )
+        if engine_cores is not None and engine_cores < 1:
+            raise ValueError(f"`rollout.engine_cores`={engine_cores} must be >= 1, or null (half the cores when pipelined).")
         self.max_staleness = max_staleness
+        self.engine_cores = engine_cores
         self._restored_state: dict[str, Any] | None = None
         if log_level.upper() not in _LOG_LEVELS:
             raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
@@ -138,6 +148,7 @@ class RolloutCallback(pl.Callback):
         self.pipeline: RolloutPipeline | None = None
         """On every rank while the engines run (from ``setup`` to the shutdown)."""
         self.keep_engine_after_validate = False
+        self._placement_before: tuple | None = None  # this process's cores and threads before setup pinned it
 
     # ------------------------------------------------------------------ engine lifetime
 
@@ -154,15 +165,22 @@ class RolloutCallback(pl.Callback):
                 "set `rollout.max_staleness` 0."
             )
         comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes))
+        engine_cpu_cores = None
+        on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+        if self.engine_kind == "vllm" and on_cpu:
+            # Both on this CPU: pipelined, they compute at once, each on cores of its own.
+            engine_cpu_cores, self._placement_before = place_trainer_beside_cpu_engine(
+                self.engine_cores, self.max_staleness, trainer.local_rank, trainer.num_devices)
         if comm.is_owner:
             # vLLM loads in its own process while the trainer builds its model (configure_model
             # runs after this hook); its first operation waits for it.
-            self.engine = self._start_engine(trainer, pl_module, comm)
+            self.engine = self._start_engine(trainer, pl_module, comm, engine_cpu_cores)
         self.pipeline = RolloutPipeline(self.engine, comm, seed=self.seed, max_staleness=self.max_staleness,
                                         bucket_bytes=self.bucket_bytes)
         pl_module.rollout_queue = self.pipeline.queue
 
-    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm: GroupComm) -> RolloutEngine:
+    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm: GroupComm,
+                      cpu_cores: tuple[int, ...] | None) -> RolloutEngine:
         model_path = self.model_path or pl_module.hparams.model_path
         from maye_pl.rollout.vllm_engine import VLLMEngine
         from maye_pl.rollout.vllm_host import discard_prestarted_host
@@ -188,6 +206,7 @@ class RolloutCallback(pl.Callback):
             weight_bucket_bytes=self.bucket_bytes,
             weight_transport=self.weight_transport,
             wait=False,
+            cpu_cores=cpu_cores,
             name=comm.groups.name(comm.group),
             **self.vllm_options,
         )
@@ -217,6 +236,9 @@ class RolloutCallback(pl.Callback):
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self._placement_before is not None:  # the trainer had cores of its own beside the engine
+            pin_process(*self._placement_before)
+            self._placement_before = None
 
     def state_dict(self) -> dict[str, Any]:
         return self.pipeline.state_dict() if self.pipeline is not None else {"submitted": {}}

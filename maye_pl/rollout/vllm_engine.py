@@ -71,6 +71,8 @@ class VLLMEngine:
             collective transport; a dead engine fails it at once).
         startup_timeout_s: give up if the engine is not ready after this long.
         llm_kwargs: extra ``vllm.LLM`` arguments (e.g. ``{"max_num_batched_tokens": 8192}``).
+        cpu_cores: a CPU engine's cores: the host pins itself to them and sizes its threads to
+            them before vLLM starts (``maye_pl.rollout.cores``); None: every core.
         wait: block until the engine is ready; False returns at once and the first operation
             (or ``wait_ready()``) waits, so the caller can work while the engine loads.
         log_level: vLLM's log level in the engine process (``VLLM_LOGGING_LEVEL``); MAYE's
@@ -99,6 +101,7 @@ class VLLMEngine:
         weight_group_timeout_s: float = 60.0,
         startup_timeout_s: float = 900.0,
         llm_kwargs: dict[str, Any] | None = None,
+        cpu_cores: tuple[int, ...] | None = None,
         wait: bool = True,
         log_level: str = "warning",
         name: str = "engine 0 of 1",
@@ -131,7 +134,7 @@ class VLLMEngine:
                              first_request_id=START_REQUEST_ID + 1)
         self.pusher = make_pusher(weight_transport, self.rpc, **self._pusher_options)
         # The host loads the model once it has imported vLLM (maybe already done: prestarted).
-        self.rpc.send("start", (engine_args, env), request_id=START_REQUEST_ID)
+        self.rpc.send("start", (engine_args, env, cpu_cores), request_id=START_REQUEST_ID)
         if wait:
             self.wait_ready()
 

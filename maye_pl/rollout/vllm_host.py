@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from maye_pl.rollout.cores import pin_process
 from maye_pl.rollout.placement import engine_environment
 
 logger = logging.getLogger(__name__)
@@ -224,9 +225,9 @@ def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
     os._exit(0)
 
 
-def start_engine(engine_args: dict[str, Any], engine_env: dict[str, str]):
+def start_engine(engine_args: dict[str, Any], engine_env: dict[str, str], cpu_cores: tuple[int, ...] | None = None):
     """``(vllm.LLM, GenerationRules)`` for the "start" request's arguments, in the engine's own
-    environment (a prestarted host's was provisional)."""
+    environment (a prestarted host's was provisional), on ``cpu_cores`` if given."""
     from vllm import LLM
 
     from maye_pl.rollout.vllm_imports import set_vllm_log_level
@@ -235,6 +236,9 @@ def start_engine(engine_args: dict[str, Any], engine_env: dict[str, str]):
     os.environ.clear()
     os.environ.update(engine_env)
     set_vllm_log_level(engine_env["VLLM_LOGGING_LEVEL"])
+    if cpu_cores:
+        # Before vLLM's CPU worker exists: it replaces torch.set_num_threads with a no-op stub.
+        pin_process(cpu_cores)
     llm = LLM(**engine_args)
     return llm, generation_rules(llm, engine_args["model"])
 
