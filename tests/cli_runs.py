@@ -1,7 +1,8 @@
 """Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
 
 - ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
-  that records each step's prompt ids as the step starts (``PromptIdsRecorder``).
+  that records each step's prompt ids as the step starts (``PromptIdsRecorder``), with the
+  console a user gets (the default progress bar and summary).
 - ``RunningFit``: such a run in the background, in its own session, to signal it mid-step.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
@@ -54,7 +55,7 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
         "--data.batch_size", "2", "--model.sampling.n", "2", "--model.sampling.max_tokens", "12",
         "--model.ppo.batch_size", "2", "--model.ppo.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
         "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", name,
         "--data.token_count_cache", str(tmp_path / "token_counts"),
         "--trainer.callbacks+=cli_runs.PromptIdsRecorder", "--trainer.callbacks.out_dir", str(out),

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import TensorDataset
 
 from maye_pl.checkpoints import find_checkpoints, is_complete_checkpoint, latest_complete_checkpoint
+from maye_pl.console import default_progress_bar
 from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from maye_pl.preemption import PreemptionCheckpoint
 
@@ -66,9 +67,10 @@ class _Points(pl.LightningDataModule):
 
 
 def _trainer(tmp_path: Path) -> pl.Trainer:
+    """With the CLI's default progress bar: a mid-epoch resume skips on_train_epoch_start."""
     return pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[PreemptionCheckpoint(dirpath=str(tmp_path / "ckpts"))])
+                      enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=[default_progress_bar(), PreemptionCheckpoint(dirpath=str(tmp_path / "ckpts"))])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])

@@ -5,7 +5,7 @@ the run ends within its bound (functional guarantees, not speed benchmarks: a we
 an orphaned rank would exceed them by far), and that the metrics file keeps the finished steps.
 
 - Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
-  engine starts, naming file:line.
+  engine starts, naming file:line, with exit status 2 and no traceback.
 - The engine process SIGKILLed mid-step: the trainer stops within 10 s saying the engine died.
 - Ctrl-C (SIGINT to the process group) mid-step: exit status 1 within 15 s, Lightning's graceful
   shutdown message.
@@ -55,8 +55,9 @@ def _trained_steps(workdir: Path, name: str) -> list[int]:
 def _stopped_before_the_engine(workdir: Path, name: str, *extra: str) -> str:
     args, env, _ = fit_command(workdir, name, *extra)
     result = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr[-4000:]
+    assert result.returncode == 2, result.stderr[-4000:]  # a user error: its message, no traceback
     output = result.stdout + result.stderr
+    assert "Traceback" not in output
     # Neither maye_pl's engine-ready line nor the engine's own log prefix: it never started.
     assert "vLLM engine on" not in output and "maye_pl-vllm-engine" not in output
     return result.stderr
