@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from maye_pl import rl
+from maye_pl.errors import ConfigError
 from maye_pl.evaluation import GENERATION_STEP
 from maye_pl.evaluation.step_metrics import (
     average_stats,
@@ -99,7 +100,7 @@ class ReinforcePP(PolicyModule):
         if stage == "fit" and datamodule is not None:
             rows = datamodule.batch_size * self.sampling.n
             if rows % self.hparams.ppo.batch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"`model.ppo.batch_size`={self.hparams.ppo.batch_size} must divide the rows per rank "
                     f"`data.batch_size` × `model.sampling.n` = {rows}; pick a divisor."
                 )
@@ -204,7 +205,7 @@ class ReinforcePP(PolicyModule):
         if wanted is None:
             wanted = bool((trajectory.staleness > 0).any())
         if wanted and trajectory.behaviour_logprobs is None:
-            raise ValueError(
+            raise ConfigError(
                 "`model.off_policy.correction` needs the engine's log-probs of the sampled tokens, but the "
                 "rollouts carry none; set `model.sampling.logprobs` true."
             )

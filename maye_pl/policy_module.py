@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
+from maye_pl.errors import ConfigError
 from maye_pl.evaluation import PAPER_EVAL_SETTINGS, EvalSetting
 from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.models.adapters import adapter_for
@@ -117,7 +118,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
     def _validate_args(self) -> None:
         problems = self.config_problems()
         if problems:
-            raise ValueError(f"Invalid {type(self).__name__} configuration:\n  " + "\n  ".join(problems))
+            raise ConfigError(f"Invalid {type(self).__name__} configuration:\n  " + "\n  ".join(problems))
 
     # ------------------------------------------------------------------ setup
 
