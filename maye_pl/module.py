@@ -39,6 +39,13 @@ from maye_pl.trajectory import Trajectory, engine_logprobs
 class ReinforcePP(PolicyModule):
     """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
 
+    # The group arguments, typed (PolicyModule._typed_groups): read them here, not in self.hparams.
+    sampling: SamplingConfig
+    advantages: AdvantageArgs
+    loss: LossArgs
+    ppo: PPOArgs
+    off_policy: OffPolicyArgs
+
     def __init__(
         self,
         model_path: str,
@@ -75,8 +82,7 @@ class ReinforcePP(PolicyModule):
             **base_kwargs: The model, optimizer and evaluation arguments of ``PolicyModule``.
         """
         super().__init__(model_path, lr=lr, **base_kwargs)
-        self.sampling = sampling
-        self.eval_max_tokens = sampling.max_tokens
+        self.eval_max_tokens = self.sampling.max_tokens  # self.sampling, .loss, ...: typed by PolicyModule
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards(self.hparams.judge))
         # Set by RolloutCallback (see its docstring): rollouts by generation step.
         self.rollout_queue: RolloutQueue | None = None
@@ -85,13 +91,12 @@ class ReinforcePP(PolicyModule):
     @property
     def needs_reference(self) -> bool:
         """A KL coefficient is set: the frozen initial policy is built beside the trained one."""
-        return self.hparams.advantages.kl_coef != 0.0 or self.hparams.loss.kl_coef != 0.0
+        return self.advantages.kl_coef != 0.0 or self.loss.kl_coef != 0.0
 
     def config_problems(self) -> list[str]:
-        hp = self.hparams
-        groups = [(hp.advantages, "advantages"), (hp.loss, "loss"), (hp.ppo, "ppo"), (hp.off_policy, "off_policy")]
-        problems = [problem for group, name in groups for problem in group.problems(f"model.{name}")]
-        return super().config_problems() + problems + cross_group_problems(hp)
+        groups = {"advantages": self.advantages, "loss": self.loss, "ppo": self.ppo, "off_policy": self.off_policy}
+        problems = [problem for name, group in groups.items() for problem in group.problems(f"model.{name}")]
+        return super().config_problems() + problems + cross_group_problems(self.advantages, self.off_policy, self.sampling)
 
     # ------------------------------------------------------------------ setup
 
@@ -99,9 +104,9 @@ class ReinforcePP(PolicyModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None:
             rows = datamodule.batch_size * self.sampling.n
-            if rows % self.hparams.ppo.batch_size:
+            if rows % self.ppo.batch_size:
                 raise ConfigError(
-                    f"`model.ppo.batch_size`={self.hparams.ppo.batch_size} must divide the rows per rank "
+                    f"`model.ppo.batch_size`={self.ppo.batch_size} must divide the rows per rank "
                     f"`data.batch_size` × `model.sampling.n` = {rows}; pick a divisor."
                 )
 
@@ -110,7 +115,7 @@ class ReinforcePP(PolicyModule):
         if self.trainer.max_steps != -1:  # under manual optimization max_steps counts optimizer steps
             return self.trainer.max_steps
         rows = self.trainer.datamodule.batch_size * self.sampling.n
-        updates_per_batch = self.hparams.ppo.epochs * (rows // self.hparams.ppo.batch_size)
+        updates_per_batch = self.ppo.epochs * (rows // self.ppo.batch_size)
         return int(self.trainer.estimated_stepping_batches) * updates_per_batch
 
     # ------------------------------------------------------------------ training
@@ -130,7 +135,7 @@ class ReinforcePP(PolicyModule):
                 **update_stats,
                 "perf/trajectory_s": t1 - t0,
                 "perf/update_s": t2 - t1,
-                "perf/update_tokens_per_s": self.hparams.ppo.epochs * trajectory.inputs.attention_mask.sum().item() / (t2 - t1),
+                "perf/update_tokens_per_s": self.ppo.epochs * trajectory.inputs.attention_mask.sum().item() / (t2 - t1),
                 GENERATION_STEP: float(self.generation_step),
                 "policy/gradient_step": float(self.trainer.global_step),
             },
@@ -173,7 +178,7 @@ class ReinforcePP(PolicyModule):
             penalized = torch.zeros_like(penalized)
 
         # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
-        adv = self.hparams.advantages
+        adv = self.advantages
         kl_logprobs = old_logprobs if old_logprobs is not None else torch.zeros_like(response_mask, dtype=torch.float32)
         advantages, returns = rl.estimate_advantages(
             adv.estimator, scores, kl_logprobs, ref_logprobs if ref_logprobs is not None else kl_logprobs,
@@ -188,8 +193,7 @@ class ReinforcePP(PolicyModule):
 
     def update_scores_old_policy(self, response_mask: torch.Tensor) -> bool:
         """Whether Step IV's single forward before its single optimizer step can stand in for Step III.2."""
-        hp = self.hparams
-        return hp.ppo.epochs == 1 and hp.ppo.batch_size == response_mask.shape[0] and hp.advantages.kl_coef == 0.0
+        return self.ppo.epochs == 1 and self.ppo.batch_size == response_mask.shape[0] and self.advantages.kl_coef == 0.0
 
     def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
         """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
@@ -201,7 +205,7 @@ class ReinforcePP(PolicyModule):
 
     def corrects_off_policy(self, trajectory: Trajectory) -> bool:
         """Weight tokens by min(π_old/π_behaviour, C): on when asked, or (None) when the rollouts are stale."""
-        wanted = self.hparams.off_policy.correction
+        wanted = self.off_policy.correction
         if wanted is None:
             wanted = bool((trajectory.staleness > 0).any())
         if wanted and trajectory.behaviour_logprobs is None:
@@ -213,15 +217,14 @@ class ReinforcePP(PolicyModule):
 
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
         """Step IV - policy update: ppo_epochs × shuffled minibatches, one optimizer step each."""
-        hp = self.hparams
         self.policy.train()
         generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
         correct = self.corrects_off_policy(trajectory)
         scored_old = torch.zeros_like(trajectory.response_mask, dtype=torch.float32)  # (N, T), filled when Step III.2 was skipped
         stats: list[dict[str, float]] = []
-        for _ in range(hp.ppo.epochs):
+        for _ in range(self.ppo.epochs):
             order = torch.randperm(trajectory.num_rows, generator=generator)
-            for mb_rows in order.split(hp.ppo.batch_size):
+            for mb_rows in order.split(self.ppo.batch_size):
                 mb_stats, mb_old = self.optimizer_step(trajectory.select(mb_rows), correct)
                 stats.append(mb_stats)
                 scored_old[mb_rows.to(scored_old.device)] = mb_old
@@ -234,23 +237,22 @@ class ReinforcePP(PolicyModule):
 
         Returns the step's statistics and the minibatch's (b, T) old log-probs.
         """
-        hp = self.hparams
         self.optimizers().zero_grad()
         normalizer = self.loss_normalizer(mb)
         micro_stats, old_parts = [], []
-        for micro_rows in torch.arange(mb.num_rows).chunk(hp.ppo.gradient_accumulation_steps):
+        for micro_rows in torch.arange(mb.num_rows).chunk(self.ppo.gradient_accumulation_steps):
             micro = mb.select(micro_rows)
             logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
             weights = behaviour_stats = None
             if micro.behaviour_logprobs is not None:  # the stats are logged also when not applied
                 weights, behaviour_stats = rl.truncated_importance_weights(
-                    old, micro.behaviour_logprobs, micro.response_mask, hp.off_policy.high
+                    old, micro.behaviour_logprobs, micro.response_mask, self.off_policy.high
                 )  # (b, T)
             loss, loss_stats = rl.ppo_clip_loss(
                 logprobs, old, micro.ref_logprobs if micro.ref_logprobs is not None else old, micro.advantages,
-                micro.response_mask, clip_eps_low=hp.loss.clip_low, clip_eps_high=hp.loss.clip_high,
-                kl_loss_coef=hp.loss.kl_coef, loss_agg=hp.loss.agg, normalizer=normalizer,
+                micro.response_mask, clip_eps_low=self.loss.clip_low, clip_eps_high=self.loss.clip_high,
+                kl_loss_coef=self.loss.kl_coef, loss_agg=self.loss.agg, normalizer=normalizer,
                 importance_weights=weights if correct_off_policy else None,
             )
             self.manual_backward(loss)
@@ -264,7 +266,7 @@ class ReinforcePP(PolicyModule):
     def loss_normalizer(self, mb: Trajectory) -> float:
         """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the
         ranks' averaged gradients equal one big minibatch's; "seq_mean": the rows (equal on every rank)."""
-        if self.hparams.loss.agg != "token_mean":
+        if self.loss.agg != "token_mean":
             return float(mb.num_rows)
         return tokens_per_rank(mb.response_mask, self.process_group())
 
