@@ -31,9 +31,9 @@ from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response
 from maye_pl.optim import tokens_per_rank
 from maye_pl.policy_module import PolicyModule
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
-from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.trajectory import Trajectory, engine_logprobs
+from maye_pl.types import Rollout, SamplingConfig
 
 
 class ReinforcePP(PolicyModule):

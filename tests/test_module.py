@@ -17,7 +17,7 @@ from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs
 from maye_pl.module import ReinforcePP
 from maye_pl.optim import OptimArgs
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import Rollout, SamplingConfig
+from maye_pl.types import Rollout, SamplingConfig
 
 
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):

@@ -25,7 +25,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from maye_pl.models.policy_inputs import encode_prompt
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 CACHE_FORMAT = 1
 """Bumped when the counting itself changes, so old cache files are never read."""

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from maye_pl.models.adapters import ModelAdapter
 from maye_pl.models.micro_batches import Lengths
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 
 @dataclass

@@ -20,7 +20,7 @@ from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response
 from maye_pl.models.packing import packs_rows
 from maye_pl.models.prefix_cache import PrefixCache
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 TEMPERATURE = 0.7
 
