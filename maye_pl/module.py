@@ -160,6 +160,7 @@ class ReinforcePP(PolicyModule):
     def generate_trajectory(self, batch: list[dict], rollouts: list[Rollout]) -> Trajectory:
         """Step III - trajectory: tokens, old/ref logprobs, rewards and advantages for N = B*G rows."""
         G = self.sampling.n
+        self.policy.eval()  # no dropout (LoRA's) in the scoring passes; update_policy switches back
         samples = [sample for sample in batch for _ in range(G)]  # request-major, like the rollouts
         requests = [request for request in self.requests(batch) for _ in range(G)]
 
@@ -177,8 +178,12 @@ class ReinforcePP(PolicyModule):
         # one minibatch and no KL reward, the update's own forward (before its only optimizer step)
         # IS this policy, so the separate forward is skipped and the update fills them in.
         old_logprobs = None if self.update_scores_old_policy(response_mask) else self.score(self.policy, inputs) * response_mask
-        # Step III.3 - ref logprobs: KL is taken against the frozen initial policy.
-        ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else None
+        # Step III.3 - ref logprobs: KL is taken against the frozen initial policy (with LoRA: the
+        # policy with its adapters off).
+        ref_logprobs = None
+        if self.needs_reference:
+            with self.reference() as reference:
+                ref_logprobs = self.score(reference, inputs) * response_mask
 
         # Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
         # is too short) gets `reward_penalty` instead, as in MAYE.
