@@ -6,7 +6,8 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
     Step I    data           a batch of prompts (question, image, answer) from MayeDataModule
     Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollout_queue
     Step III  trajectory     prompt+response tokens, old/ref logprobs, rewards, advantages
-    Step IV   policy update  ppo.epochs × minibatches × gradient accumulation of PPO-clip + k3 KL
+    Step IV   policy update  ppo.epochs × minibatches × gradient accumulation of the policy loss
+                             (PPO-clip by default; GSPO, CISPO: maye_pl.rl.POLICY_LOSSES) + k3 KL
     (then)    weight sync    RolloutCallback streams the new weights into the engine before it next generates
 """
 
@@ -37,7 +38,12 @@ from maye_pl.trajectory import Trajectory, engine_logprobs
 
 
 class ReinforcePP(PolicyModule):
-    """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
+    """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference.
+
+    The same loop runs the family a recipe (``configs/recipes/``) picks: GRPO / Dr.GRPO advantages
+    (``model.advantages``), GSPO / CISPO losses and their aggregation (``model.loss``), truncated or
+    masked importance sampling of the engine's rollouts (``model.off_policy``).
+    """
 
     def __init__(
         self,
@@ -66,7 +72,7 @@ class ReinforcePP(PolicyModule):
                 ``min_response_length`` (it replaces the reward, as in MAYE); None = no penalty.
             min_response_length: Shortest unpenalised response in tokens; None = no minimum.
             advantages: Step III.5, scores to per-token advantages (estimator, γ, β_rew, whitening).
-            loss: Step IV's loss (PPO-clip ε, β_loss of the k3 KL, aggregation).
+            loss: Step IV's loss (policy loss and its clip range ε, β_loss of the k3 KL, aggregation).
             ppo: Step IV's schedule (epochs, minibatch rows, gradient accumulation).
             off_policy: Importance weights of the sampled tokens from the engine's log-probs.
             lr: AdamW peak learning rate (the rest of the optimizer: ``optim``).
@@ -75,8 +81,8 @@ class ReinforcePP(PolicyModule):
             **base_kwargs: The model, optimizer and evaluation arguments of ``PolicyModule``.
         """
         super().__init__(model_path, lr=lr, **base_kwargs)
-        self.sampling = sampling
-        self.eval_max_tokens = sampling.max_tokens
+        self.sampling: SamplingConfig = self.hparams.sampling  # typed by the base (a dict under the CLI)
+        self.eval_max_tokens = self.sampling.max_tokens
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards(self.hparams.judge))
         # Set by RolloutCallback (see its docstring): rollouts by generation step.
         self.rollout_queue: RolloutQueue | None = None
@@ -161,9 +167,12 @@ class ReinforcePP(PolicyModule):
         # Step III.3 - ref logprobs: KL is taken against the frozen initial policy.
         ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else None
 
-        # Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
-        # is too short) gets `reward_penalty` instead, as in MAYE.
+        # Step III.4 - rewards: rule rewards on the decoded text (and its length in tokens, for
+        # length-aware rewards); a response that never stopped (or is too short) gets
+        # `reward_penalty` instead, as in MAYE.
         texts = [r.text for r in rollouts]
+        lengths = rl.response_lengths(response_mask).tolist()  # (N,)
+        samples = [{**sample, "response_length": length} for sample, length in zip(samples, lengths)]
         scores, reward_components = score_responses(self.rewards, texts, samples)
         scores = scores.to(self.device)
         penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
@@ -212,7 +221,7 @@ class ReinforcePP(PolicyModule):
         return wanted
 
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
-        """Step IV - policy update: ppo_epochs × shuffled minibatches, one optimizer step each."""
+        """Step IV - policy update: ppo.epochs × shuffled minibatches, one optimizer step each."""
         hp = self.hparams
         self.policy.train()
         generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
@@ -242,28 +251,49 @@ class ReinforcePP(PolicyModule):
             micro = mb.select(micro_rows)
             logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
-            weights = behaviour_stats = None
-            if micro.behaviour_logprobs is not None:  # the stats are logged also when not applied
-                weights, behaviour_stats = rl.truncated_importance_weights(
-                    old, micro.behaviour_logprobs, micro.response_mask, hp.off_policy.high
-                )  # (b, T)
-            loss, loss_stats = rl.ppo_clip_loss(
-                logprobs, old, micro.ref_logprobs if micro.ref_logprobs is not None else old, micro.advantages,
-                micro.response_mask, clip_eps_low=hp.loss.clip_low, clip_eps_high=hp.loss.clip_high,
-                kl_loss_coef=hp.loss.kl_coef, loss_agg=hp.loss.agg, normalizer=normalizer,
-                importance_weights=weights if correct_off_policy else None,
-            )
+            loss, loss_stats = self.micro_batch_loss(micro, logprobs, old, correct_off_policy, normalizer)
             self.manual_backward(loss)
-            micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask, behaviour_stats))
+            micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask))
             old_parts.append(old)
         step_stats = self.clip_and_step()
         stats = average_stats(micro_stats)
         stats["loss/total"] *= len(micro_stats)  # micro-batch losses add up to the minibatch's
         return {**stats, **step_stats}, torch.cat(old_parts)
 
+    def micro_batch_loss(
+        self, micro: Trajectory, logprobs: torch.Tensor, old: torch.Tensor, correct_off_policy: bool, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's share of the minibatch loss: the policy loss (``model.loss.policy_loss``,
+        each token weighted by its off-policy weight when correcting) + β_loss · k3 KL to the reference.
+
+        Args:
+            micro: the micro-batch's rows of the trajectory.
+            logprobs: (b, T) log π_θ with grad; ``old``: (b, T) log π_old.
+            correct_off_policy: apply the behaviour weights (their statistics are logged either way).
+            normalizer: the whole minibatch's count for the aggregation (``loss_normalizer``).
+        """
+        hp, mask = self.hparams, micro.response_mask
+        aggregation = {"agg": hp.loss.agg, "normalizer": normalizer, "max_tokens": self.sampling.max_tokens}
+        weights, stats = None, {}
+        if micro.behaviour_logprobs is not None:
+            op = hp.off_policy
+            weights, behaviour = rl.behaviour_weights(old, micro.behaviour_logprobs, mask, mode=op.mode,
+                                                      level=op.level, low=op.low, high=op.high)  # (b, T)
+            stats.update({f"behaviour_{name}": value for name, value in behaviour.items()})
+        loss, policy_stats = rl.POLICY_LOSSES[hp.loss.policy_loss](
+            logprobs, old, micro.advantages, mask, clip_low=hp.loss.clip_low, clip_high=hp.loss.clip_high,
+            weights=weights if correct_off_policy else None, **aggregation,
+        )
+        stats.update(policy_stats)
+        if micro.ref_logprobs is not None:
+            kl, stats["kl_loss"] = rl.kl_loss(logprobs, micro.ref_logprobs, mask, **aggregation)
+            loss = loss + hp.loss.kl_coef * kl
+        return loss, stats
+
     def loss_normalizer(self, mb: Trajectory) -> float:
-        """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the
-        ranks' averaged gradients equal one big minibatch's; "seq_mean": the rows (equal on every rank)."""
+        """The aggregation's denominator: the global minibatch's tokens per rank ("token_mean"), so
+        that the ranks' averaged gradients equal one big minibatch's; the sequence means: its rows
+        (equal on every rank)."""
         if self.hparams.loss.agg != "token_mean":
             return float(mb.num_rows)
         return tokens_per_rank(mb.response_mask, self.process_group())
