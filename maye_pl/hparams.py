@@ -14,11 +14,10 @@ raises once. jsonargparse reads the docstring under each field: ``--help`` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from maye_pl import rl
+from maye_pl.rollout.base import SamplingConfig
 
 GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo", "dr_grpo")
 """Advantage estimators that compare the samples of one prompt (they need ``sampling.n`` >= 2)."""
@@ -143,15 +142,15 @@ class OffPolicyArgs:
         return problems
 
 
-def cross_group_problems(hp: Mapping[str, Any]) -> list[str]:
-    """Problems that span groups of ReinforcePP's hyperparameters ``hp`` (read as attributes)."""
+def cross_group_problems(advantages: AdvantageArgs, off_policy: OffPolicyArgs, sampling: SamplingConfig) -> list[str]:
+    """Problems that span groups of ReinforcePP's hyperparameters."""
     problems = []
-    if hp.advantages.estimator in GROUP_ESTIMATORS and hp.sampling.n < 2:
+    if advantages.estimator in GROUP_ESTIMATORS and sampling.n < 2:
         problems.append(
-            f"`model.advantages.estimator`={hp.advantages.estimator!r} compares samples of the same "
-            f"prompt, but `model.sampling.n`={hp.sampling.n}; set it to 2 or more."
+            f"`model.advantages.estimator`={advantages.estimator!r} compares samples of the same "
+            f"prompt, but `model.sampling.n`={sampling.n}; set it to 2 or more."
         )
-    if hp.off_policy.correction and not hp.sampling.logprobs:
+    if off_policy.correction and not sampling.logprobs:
         problems.append(
             "`model.off_policy.correction` needs the engine's log-probs; set `model.sampling.logprobs` true."
         )

@@ -45,6 +45,13 @@ class ReinforcePP(PolicyModule):
     masked importance sampling of the engine's rollouts (``model.off_policy``).
     """
 
+    # The group arguments, typed (PolicyModule._typed_groups): read them here, not in self.hparams.
+    sampling: SamplingConfig
+    advantages: AdvantageArgs
+    loss: LossArgs
+    ppo: PPOArgs
+    off_policy: OffPolicyArgs
+
     def __init__(
         self,
         model_path: str,
@@ -81,8 +88,7 @@ class ReinforcePP(PolicyModule):
             **base_kwargs: The model, optimizer and evaluation arguments of ``PolicyModule``.
         """
         super().__init__(model_path, lr=lr, **base_kwargs)
-        self.sampling: SamplingConfig = self.hparams.sampling  # typed by the base (a dict under the CLI)
-        self.eval_max_tokens = self.sampling.max_tokens
+        self.eval_max_tokens = self.sampling.max_tokens  # self.sampling, .loss, ...: typed by PolicyModule
         self.rewards = resolve_rewards(rewards if rewards is not None else default_rewards(self.hparams.judge))
         # Set by RolloutCallback (see its docstring): rollouts by generation step.
         self.rollout_queue: RolloutQueue | None = None
@@ -91,13 +97,12 @@ class ReinforcePP(PolicyModule):
     @property
     def needs_reference(self) -> bool:
         """A KL coefficient is set: the frozen initial policy is built beside the trained one."""
-        return self.hparams.advantages.kl_coef != 0.0 or self.hparams.loss.kl_coef != 0.0
+        return self.advantages.kl_coef != 0.0 or self.loss.kl_coef != 0.0
 
     def config_problems(self) -> list[str]:
-        hp = self.hparams
-        groups = [(hp.advantages, "advantages"), (hp.loss, "loss"), (hp.ppo, "ppo"), (hp.off_policy, "off_policy")]
-        problems = [problem for group, name in groups for problem in group.problems(f"model.{name}")]
-        return super().config_problems() + problems + cross_group_problems(hp)
+        groups = {"advantages": self.advantages, "loss": self.loss, "ppo": self.ppo, "off_policy": self.off_policy}
+        problems = [problem for name, group in groups.items() for problem in group.problems(f"model.{name}")]
+        return super().config_problems() + problems + cross_group_problems(self.advantages, self.off_policy, self.sampling)
 
     # ------------------------------------------------------------------ setup
 
@@ -105,9 +110,9 @@ class ReinforcePP(PolicyModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None:
             rows = datamodule.batch_size * self.sampling.n
-            if rows % self.hparams.ppo.batch_size:
+            if rows % self.ppo.batch_size:
                 raise ConfigError(
-                    f"`model.ppo.batch_size`={self.hparams.ppo.batch_size} must divide the rows per rank "
+                    f"`model.ppo.batch_size`={self.ppo.batch_size} must divide the rows per rank "
                     f"`data.batch_size` × `model.sampling.n` = {rows}; pick a divisor."
                 )
 
@@ -116,7 +121,7 @@ class ReinforcePP(PolicyModule):
         if self.trainer.max_steps != -1:  # under manual optimization max_steps counts optimizer steps
             return self.trainer.max_steps
         rows = self.trainer.datamodule.batch_size * self.sampling.n
-        updates_per_batch = self.hparams.ppo.epochs * (rows // self.hparams.ppo.batch_size)
+        updates_per_batch = self.ppo.epochs * (rows // self.ppo.batch_size)
         return int(self.trainer.estimated_stepping_batches) * updates_per_batch
 
     # ------------------------------------------------------------------ training
@@ -136,7 +141,7 @@ class ReinforcePP(PolicyModule):
                 **update_stats,
                 "perf/trajectory_s": t1 - t0,
                 "perf/update_s": t2 - t1,
-                "perf/update_tokens_per_s": self.hparams.ppo.epochs * trajectory.inputs.attention_mask.sum().item() / (t2 - t1),
+                "perf/update_tokens_per_s": self.ppo.epochs * trajectory.inputs.attention_mask.sum().item() / (t2 - t1),
                 GENERATION_STEP: float(self.generation_step),
                 "policy/gradient_step": float(self.trainer.global_step),
             },
@@ -182,7 +187,7 @@ class ReinforcePP(PolicyModule):
             penalized = torch.zeros_like(penalized)
 
         # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
-        adv = self.hparams.advantages
+        adv = self.advantages
         kl_logprobs = old_logprobs if old_logprobs is not None else torch.zeros_like(response_mask, dtype=torch.float32)
         advantages, returns = rl.estimate_advantages(
             adv.estimator, scores, kl_logprobs, ref_logprobs if ref_logprobs is not None else kl_logprobs,
@@ -197,8 +202,7 @@ class ReinforcePP(PolicyModule):
 
     def update_scores_old_policy(self, response_mask: torch.Tensor) -> bool:
         """Whether Step IV's single forward before its single optimizer step can stand in for Step III.2."""
-        hp = self.hparams
-        return hp.ppo.epochs == 1 and hp.ppo.batch_size == response_mask.shape[0] and hp.advantages.kl_coef == 0.0
+        return self.ppo.epochs == 1 and self.ppo.batch_size == response_mask.shape[0] and self.advantages.kl_coef == 0.0
 
     def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
         """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
@@ -210,7 +214,7 @@ class ReinforcePP(PolicyModule):
 
     def corrects_off_policy(self, trajectory: Trajectory) -> bool:
         """Weight tokens by min(π_old/π_behaviour, C): on when asked, or (None) when the rollouts are stale."""
-        wanted = self.hparams.off_policy.correction
+        wanted = self.off_policy.correction
         if wanted is None:
             wanted = bool((trajectory.staleness > 0).any())
         if wanted and trajectory.behaviour_logprobs is None:
@@ -222,15 +226,14 @@ class ReinforcePP(PolicyModule):
 
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
         """Step IV - policy update: ppo.epochs × shuffled minibatches, one optimizer step each."""
-        hp = self.hparams
         self.policy.train()
         generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
         correct = self.corrects_off_policy(trajectory)
         scored_old = torch.zeros_like(trajectory.response_mask, dtype=torch.float32)  # (N, T), filled when Step III.2 was skipped
         stats: list[dict[str, float]] = []
-        for _ in range(hp.ppo.epochs):
+        for _ in range(self.ppo.epochs):
             order = torch.randperm(trajectory.num_rows, generator=generator)
-            for mb_rows in order.split(hp.ppo.batch_size):
+            for mb_rows in order.split(self.ppo.batch_size):
                 mb_stats, mb_old = self.optimizer_step(trajectory.select(mb_rows), correct)
                 stats.append(mb_stats)
                 scored_old[mb_rows.to(scored_old.device)] = mb_old
@@ -243,11 +246,10 @@ class ReinforcePP(PolicyModule):
 
         Returns the step's statistics and the minibatch's (b, T) old log-probs.
         """
-        hp = self.hparams
         self.optimizers().zero_grad()
         normalizer = self.loss_normalizer(mb)
         micro_stats, old_parts = [], []
-        for micro_rows in torch.arange(mb.num_rows).chunk(hp.ppo.gradient_accumulation_steps):
+        for micro_rows in torch.arange(mb.num_rows).chunk(self.ppo.gradient_accumulation_steps):
             micro = mb.select(micro_rows)
             logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
@@ -272,29 +274,28 @@ class ReinforcePP(PolicyModule):
             correct_off_policy: apply the behaviour weights (their statistics are logged either way).
             normalizer: the whole minibatch's count for the aggregation (``loss_normalizer``).
         """
-        hp, mask = self.hparams, micro.response_mask
-        aggregation = {"agg": hp.loss.agg, "normalizer": normalizer, "max_tokens": self.sampling.max_tokens}
+        mask, op = micro.response_mask, self.off_policy
+        aggregation = {"agg": self.loss.agg, "normalizer": normalizer, "max_tokens": self.sampling.max_tokens}
         weights, stats = None, {}
         if micro.behaviour_logprobs is not None:
-            op = hp.off_policy
             weights, behaviour = rl.behaviour_weights(old, micro.behaviour_logprobs, mask, mode=op.mode,
                                                       level=op.level, low=op.low, high=op.high)  # (b, T)
             stats.update({f"behaviour_{name}": value for name, value in behaviour.items()})
-        loss, policy_stats = rl.POLICY_LOSSES[hp.loss.policy_loss](
-            logprobs, old, micro.advantages, mask, clip_low=hp.loss.clip_low, clip_high=hp.loss.clip_high,
+        loss, policy_stats = rl.POLICY_LOSSES[self.loss.policy_loss](
+            logprobs, old, micro.advantages, mask, clip_low=self.loss.clip_low, clip_high=self.loss.clip_high,
             weights=weights if correct_off_policy else None, **aggregation,
         )
         stats.update(policy_stats)
         if micro.ref_logprobs is not None:
             kl, stats["kl_loss"] = rl.kl_loss(logprobs, micro.ref_logprobs, mask, **aggregation)
-            loss = loss + hp.loss.kl_coef * kl
+            loss = loss + self.loss.kl_coef * kl
         return loss, stats
 
     def loss_normalizer(self, mb: Trajectory) -> float:
         """The aggregation's denominator: the global minibatch's tokens per rank ("token_mean"), so
         that the ranks' averaged gradients equal one big minibatch's; the sequence means: its rows
         (equal on every rank)."""
-        if self.hparams.loss.agg != "token_mean":
+        if self.loss.agg != "token_mean":
             return float(mb.num_rows)
         return tokens_per_rank(mb.response_mask, self.process_group())
 

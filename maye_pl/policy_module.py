@@ -39,6 +39,8 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
 
     needs_reference = False
     """Whether ``configure_model`` also builds the frozen reference policy (ReinforcePP: a KL term)."""
+    optim: OptimArgs
+    """The ``optim`` argument, typed (``_typed_groups``); likewise each dataclass argument of a subclass."""
 
     def __init__(
         self,
@@ -96,15 +98,19 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
         self.ref_policy: torch.nn.Module | None = None
 
     def _typed_groups(self) -> None:
-        """Make every group argument (a dataclass such as ``optim`` or ``sampling``) in ``self.hparams``
-        its dataclass: under LightningCLI, ``save_hyperparameters`` records the parsed config, where a
-        group is a dict (the checkpoint keeps that record, ``hparams_initial``, as it is)."""
+        """Each group argument (a dataclass: ``optim``, ReinforcePP's ``sampling``, ``loss``, ...)
+        becomes a typed attribute of the module (``self.optim``), whether it came as its dataclass
+        (Python) or as a dict (LightningCLI hands ``save_hyperparameters`` the parsed config).
+        ``self.hparams`` keeps plain values only (dataclasses as dicts): checkpoints and loggers
+        record it, and ``torch.load(weights_only=True)`` refuses unknown classes."""
         classes = type(self).__mro__
         for cls in classes[: classes.index(PolicyModule) + 1]:
             for name, hint in typing.get_type_hints(cls.__init__).items():
                 value = self.hparams.get(name)
-                if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
-                    self.hparams[name] = hint(**value)
+                if dataclasses.is_dataclass(hint) and value is not None:
+                    setattr(self, name, hint(**value) if isinstance(value, Mapping) else value)
+        for name, value in self.hparams.items():
+            self.hparams[name] = _plain(value)
 
     def config_problems(self) -> list[str]:
         """Every problem of the arguments in ``self.hparams``; a subclass adds its own to these."""
@@ -116,7 +122,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
             problems.append(f"`model.forward_batch_size`={hp.forward_batch_size} must be at least 1.")
         if not hp.lr > 0:
             problems.append(f"`model.lr`={hp.lr} must be positive.")
-        return problems + hp.optim.problems("model.optim") + judge_problems(hp.judge, hp.get("rewards"))
+        return problems + self.optim.problems("model.optim") + judge_problems(hp.judge, hp.get("rewards"))
 
     def _validate_args(self) -> None:
         problems = self.config_problems()
@@ -143,7 +149,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters, its schedule stepped by ``clip_and_step``."""
-        optimizer, scheduler = build_adamw(self.trainable_parameters(), self.hparams.lr, self.hparams.optim,
+        optimizer, scheduler = build_adamw(self.trainable_parameters(), self.hparams.lr, self.optim,
                                            self.total_gradient_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -161,7 +167,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
         shards), AdamW step, schedule step. Returns ``policy/grad_norm`` (before clipping) and
         ``policy/lr``."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        max_norm = self.hparams.optim.max_grad_norm
+        max_norm = self.optim.max_grad_norm
         grad_norm = clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm is not None else float("inf"))
         optimizer.step()
         scheduler.step()
@@ -177,3 +183,12 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
     def process_group(self) -> Any:
         """The group for global statistics (None in a single process)."""
         return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every dataclass in it (nested in lists too) as a dict."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value

@@ -16,11 +16,8 @@ import pytest
 import yaml
 
 from maye_pl.cli import MayeCLI
-from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs
 from maye_pl.module import ReinforcePP
-from maye_pl.optim import OptimArgs
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,14 +62,12 @@ MAYE_VALUES = {
     "model.init_args.reflection_match": ("substring", "recipe: any(word in text.lower())"),
     "model.init_args.maye_position_ids": (False, "not reproduced on purpose (README differences table)"),
     "model.init_args.rewards": (
-        [{"fn": "maye_pl.rewards.maye_accuracy_reward", "weight": 1.0, "name": "accuracy"},
-         {"fn": "maye_pl.rewards.maye_format_reward", "weight": 1.0, "name": "format"},
-         {"fn": "maye_pl.rewards.language_reward", "weight": 1.0, "name": "language"}],
+        [{"fn": "maye_pl.rewards.maye_accuracy_reward", "weight": 1.0, "name": "accuracy", "kwargs": None},
+         {"fn": "maye_pl.rewards.maye_format_reward", "weight": 1.0, "name": "format", "kwargs": None},
+         {"fn": "maye_pl.rewards.language_reward", "weight": 1.0, "name": "language", "kwargs": None}],
         "recipe: scores = acc_rewards + format_rewards + language_rewards",
     ),
 }
-GROUPS = {"sampling": SamplingConfig, "advantages": AdvantageArgs, "loss": LossArgs, "ppo": PPOArgs,
-          "off_policy": OffPolicyArgs, "optim": OptimArgs}
 DATA_FILES = {  # script: DATADIR / {TRAIN,VALIDATION,TEST}_DATASET_NAME per DATA
     "geo3k.yaml": ("geometry3k", "geometry3k_rl_v0", "geometry3k_validation_v0", "geometry3k_test_v0"),
     "mmmath.yaml": ("mm_math", "mm_math_rl_v0", "mm_math_validation_v0", "math_verse_test_v0"),
@@ -111,9 +106,9 @@ def test_paper_config_resolves_to_maye_values(config, capsys):
 def test_paper_model_arguments_pass_validation(config, capsys, tiny_model_dir):
     """The module accepts the paper values together (its validation collects every problem)."""
     init_args = _resolved(config, capsys)["model"]["init_args"]
-    groups = {name: GROUPS[name](**init_args[name]) for name in GROUPS}  # each YAML node as its dataclass
+    # The groups (sampling, loss, ppo, ...) go in as the YAML's dicts, as LightningCLI hands them over.
     module = ReinforcePP(**{
-        **init_args, **groups, "model_path": str(tiny_model_dir),
-        "rewards": [RewardTerm(**term) for term in init_args["rewards"]],
+        **init_args, "model_path": str(tiny_model_dir), "rewards": [RewardTerm(**term) for term in init_args["rewards"]],
     })
+    assert module.ppo.batch_size == 4 and module.optim.eps == 1e-5  # typed by the module
     assert [name for name, _, _ in module.rewards] == ["accuracy", "format", "language"]
