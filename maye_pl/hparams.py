@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from maye_pl import rl
-from maye_pl.rollout.base import SamplingConfig
+from maye_pl.types import SamplingConfig
 
 GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo", "dr_grpo")
 """Advantage estimators that compare the samples of one prompt (they need ``sampling.n`` >= 2)."""

@@ -28,13 +28,13 @@ from maye_pl.evaluation.step_metrics import (
     rollout_step_metrics,
 )
 from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs, cross_group_problems
-from maye_pl.models.forward import build_policy_inputs, response_logprobs
+from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response_logprobs
 from maye_pl.optim import tokens_per_rank
 from maye_pl.policy_module import PolicyModule
 from maye_pl.rewards import RewardTerm, default_rewards, resolve_rewards, score_responses
-from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.trajectory import Trajectory, engine_logprobs
+from maye_pl.types import Rollout, SamplingConfig
 
 
 class ReinforcePP(PolicyModule):
@@ -64,6 +64,8 @@ class ReinforcePP(PolicyModule):
         loss: LossArgs = LossArgs(),
         ppo: PPOArgs = PPOArgs(),
         off_policy: OffPolicyArgs = OffPolicyArgs(),
+        max_tokens_per_micro_batch: int | None = None,
+        dedup_group_prompts: bool = False,
         lr: float = 5e-6,
         reflection_match: Literal["word", "substring"] = "word",
         maye_position_ids: bool = False,
@@ -82,6 +84,12 @@ class ReinforcePP(PolicyModule):
             loss: Step IV's loss (policy loss and its clip range ε, β_loss of the k3 KL, aggregation).
             ppo: Step IV's schedule (epochs, minibatch rows, gradient accumulation).
             off_policy: Importance weights of the sampled tokens from the engine's log-probs.
+            max_tokens_per_micro_batch: Token budget of each forward pass, padding included: rows are
+                grouped by length into micro-batches of at most this many tokens (no-grad passes and
+                the update; at least ``ppo.gradient_accumulation_steps`` per minibatch); None = row
+                micro-batches (``forward_batch_size`` / ``ppo.gradient_accumulation_steps``).
+            dedup_group_prompts: Run each prompt and its image once for its G samples (they read
+                its attention state), in the no-grad passes and the update; the same log-probs.
             lr: AdamW peak learning rate (the rest of the optimizer: ``optim``).
             reflection_match: Reflection words as whole "word"s or MAYE's lower-cased "substring"s.
             maye_position_ids: Score with MAYE's 1-D positions (image tokens lose M-RoPE, unlike in vLLM).
@@ -102,6 +110,12 @@ class ReinforcePP(PolicyModule):
     def config_problems(self) -> list[str]:
         groups = {"advantages": self.advantages, "loss": self.loss, "ppo": self.ppo, "off_policy": self.off_policy}
         problems = [problem for name, group in groups.items() for problem in group.problems(f"model.{name}")]
+        budget = self.hparams.max_tokens_per_micro_batch
+        if budget is not None and budget < 1:
+            problems.append(
+                f"`model.max_tokens_per_micro_batch`={budget} must be a positive token count (e.g. 16384), "
+                "or null for row micro-batches."
+            )
         return super().config_problems() + problems + cross_group_problems(self.advantages, self.off_policy, self.sampling)
 
     # ------------------------------------------------------------------ setup
@@ -206,10 +220,16 @@ class ReinforcePP(PolicyModule):
 
     def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
         """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
-        return response_logprobs(
-            model, inputs, temperature=self.sampling.temperature,
-            forward_batch_size=self.hparams.forward_batch_size, return_entropy=return_entropy,
-            banned_token_ids=self.banned_token_ids, maye_position_ids=self.hparams.maye_position_ids,
+        return response_logprobs(model, inputs, return_entropy=return_entropy, **self.scoring_kwargs())
+
+    def scoring_kwargs(self) -> dict[str, Any]:
+        """How the model scores rows: temperature, micro-batching, the compute switches."""
+        hp = self.hparams
+        return dict(
+            temperature=self.sampling.temperature, forward_batch_size=hp.forward_batch_size,
+            max_tokens_per_micro_batch=hp.max_tokens_per_micro_batch, dedup_group_prompts=hp.dedup_group_prompts,
+            process_group=self.process_group(), banned_token_ids=self.banned_token_ids,
+            maye_position_ids=hp.maye_position_ids,
         )
 
     def corrects_off_policy(self, trajectory: Trajectory) -> bool:
@@ -249,18 +269,23 @@ class ReinforcePP(PolicyModule):
         self.optimizers().zero_grad()
         normalizer = self.loss_normalizer(mb)
         micro_stats, old_parts = [], []
-        for micro_rows in torch.arange(mb.num_rows).chunk(self.ppo.gradient_accumulation_steps):
+        # Micro-batches: gradient_accumulation_steps row chunks, or token budgets (length-grouped);
+        # with dedup_group_prompts the minibatch's prompts run once, here.
+        scorer = ResponseScorer(self.policy, mb.inputs, count=self.ppo.gradient_accumulation_steps,
+                                **self.scoring_kwargs())
+        for micro_rows in scorer.micro_batches:
             micro = mb.select(micro_rows)
-            logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
+            logprobs, entropy = scorer.logprobs(micro_rows, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
             loss, loss_stats = self.micro_batch_loss(micro, logprobs, old, correct_off_policy, normalizer)
             self.manual_backward(loss)
             micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask))
             old_parts.append(old)
+        scorer.backward()  # the shared prompts' backward, once, after every micro-batch's
         step_stats = self.clip_and_step()
         stats = average_stats(micro_stats)
         stats["loss/total"] *= len(micro_stats)  # micro-batch losses add up to the minibatch's
-        return {**stats, **step_stats}, torch.cat(old_parts)
+        return {**stats, **step_stats}, torch.cat(old_parts)[torch.cat(scorer.micro_batches).argsort()]  # mb order
 
     def micro_batch_loss(
         self, micro: Trajectory, logprobs: torch.Tensor, old: torch.Tensor, correct_off_policy: bool, normalizer: float

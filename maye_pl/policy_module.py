@@ -30,7 +30,7 @@ from maye_pl.models.adapters import adapter_for
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import OptimArgs, build_adamw
 from maye_pl.rewards import Judge, judge_problems
-from maye_pl.rollout.base import Rollout
+from maye_pl.types import Rollout
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 
 

@@ -16,7 +16,7 @@ from maye_pl.console import ShortNamesTQDMProgressBar
 from maye_pl.errors import ConfigError
 from maye_pl.evaluation.summary import eval_table, run_summary
 from maye_pl.rollout.callback import RolloutCallback
-from maye_pl.rollout.vllm_engine import host_environment
+from maye_pl.rollout.vllm_host import host_environment
 from maye_pl.strategies import FSDP2Strategy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs
 from maye_pl.module import ReinforcePP
 from maye_pl.optim import OptimArgs
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import Rollout, SamplingConfig
+from maye_pl.types import Rollout, SamplingConfig
 
 
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
@@ -33,7 +33,7 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
             loss=LossArgs(policy_loss="ppo", agg="sum", clip_low=1.5),
             off_policy=OffPolicyArgs(correction=True, mode="clip", high=0.0),
             optim=OptimArgs(eps=0.0, warmup_steps=5, warmup_ratio=0.1), judge="maye", lr=0.0,
-            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")],
+            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")], max_tokens_per_micro_batch=0,
         )
     message = str(info.value)
     for expected in (
@@ -50,6 +50,7 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         "`model.optim.warmup_steps`=5 and `model.optim.warmup_ratio`=0.1 are both set",
         "`model.lr`=0.0 must be positive",
         "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward' judges with another judge than `model.judge`='maye'",
+        "`model.max_tokens_per_micro_batch`=0 must be a positive token count",
     ):
         assert expected in message
 
