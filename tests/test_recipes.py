@@ -97,7 +97,7 @@ class SharedEngineRollout(RolloutCallback):
         super().__init__(engine="vllm", device="cpu", **kwargs)
         self._shared_engine = engine
 
-    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm):
         return self._shared_engine
 
     def shutdown(self) -> None:  # the session's engine outlives the run
