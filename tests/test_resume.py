@@ -3,8 +3,10 @@
 `test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI three
 times in fresh processes, in one process (a single .ckpt file; synchronous, and pipelined:
 `rollout.max_staleness 1`, the rollouts of the batch in flight at the checkpoint are saved with it)
-and pipelined on 2 FSDP2 ranks over gloo (a sharded DCP checkpoint, each rank's sampler position
-restored), each with a fresh module,
+and pipelined on 2 simulated nodes (two `fit` processes on localhost, NODE_RANK 0 and 1, one FSDP2
+rank and one vLLM engine each, gloo between them: a sharded DCP checkpoint, each rank's sampler
+position restored, each engine generating its own node's prompts and the batch in flight gathered
+from both engines into the checkpoint), each with a fresh module,
 trainer, data module and engine: an uninterrupted `fit` of 4 generation steps (one epoch of 4 batches, two
 optimizer steps each, so the minibatch shuffle matters); the same `fit` sent SIGTERM while step 2
 runs, which must finish that step, checkpoint it (PreemptionCheckpoint: trainer.save_checkpoint at
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from maye_pl.export import read_checkpoint
 from maye_pl.models.loading import load_policy
 from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.preemption import PREEMPTED_EXIT_CODE
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.strategies import FSDP2Strategy
 from maye_pl.strategies.fsdp2 import publish_checkpoint
 
@@ -77,21 +79,29 @@ def _fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dic
     return args, env, out
 
 
+def _nodes(extra: tuple[str, ...]) -> int:
+    return int(extra[extra.index("--trainer.num_nodes") + 1]) if "--trainer.num_nodes" in extra else 1
+
+
 def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
-    """One `fit` in a fresh process, to its end; returns its output directory."""
-    args, env, out = _fit_command(tmp_path, name, *extra)
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
-    return out
+    """One `fit` in fresh processes (one per node), to its end; returns its output directory."""
+    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
+    try:
+        code, _ = run.wait(timeout_s=600)
+    finally:
+        run.kill()
+    assert code == 0, f"{name} failed ({code}):\n{run.output[-6000:]}"
+    return run.out
 
 
 def _preempt(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
-    """A `fit` sent SIGTERM as its generation step RESUME_AFTER starts; it must exit with status 143
-    within 15 s. Returns its output directory and what it printed."""
-    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path)
+    """A `fit` sent SIGTERM (on node 0) as its generation step RESUME_AFTER starts; every node must
+    exit with status 143 within 15 s. Returns its output directory and what it printed."""
+    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
     try:
         run.wait_for_step(RESUME_AFTER)
         engines = run.engines()
+        assert sum(process.name() == HOST_PROCESS_NAME for process in engines) == _nodes(extra)  # one per node
         run.process.send_signal(signal.SIGTERM)
         code, exit_s = run.wait(timeout_s=60)
     finally:
@@ -130,12 +140,13 @@ def _ids(out: Path) -> dict[int, list[str]]:
         # Pipelined: batch k+1 is in flight at the checkpoint (sampled by weights it does not hold),
         # saved in the single checkpoint file here, in the sharded directory below.
         ["--rollout.max_staleness", "1"],
-        # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
-        # (The synchronous 2-rank layout passes too; left out for the suite's time.)
-        ["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        # 2 nodes x 1 rank, an engine per node; 1 prompt per rank: the same 2 prompts (4 rows) per
+        # generation step, 2 minibatches of 1 prompt. (The 2-rank layouts on one node with one
+        # engine, synchronous or pipelined, pass too; left out for the suite's time.)
+        ["--rollout.max_staleness", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
          "--data.batch_size", "1", "--model.ppo_batch_size", "1"],
     ],
-    ids=["one-process", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
+    ids=["one-process", "one-process-pipelined", "two-nodes-pipelined"],
 )
 def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     ensure_tiny_model(tmp_path / "tiny")
@@ -179,6 +190,8 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
         # version back), then on what the engine sampled from the restored weights; equal metrics
         # for every resumed step (above) prove both, and the rollouts are one version stale.
         assert all(row["policy/staleness"] == OPTIMIZER_STEPS_PER_GENERATION for row in resumed_rows.values())
+        # Step 1 was sampled by the weights it trains (both engines started in sync; 5e-7).
+        assert full_rows[1]["policy/engine_logprob_mismatch"] < 1e-4
 
     full_ids, resumed_ids = _ids(full), _ids(resumed)
     assert resumed_ids == {step: full_ids[step] for step in range(RESUME_AFTER, STEPS)}  # 0-based here

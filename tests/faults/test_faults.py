@@ -31,6 +31,7 @@ import pytest
 from maye_pl.data import generate_geometry_dataset
 from maye_pl.evaluation.metrics_file import read_metrics
 from maye_pl.models.tiny import ensure_tiny_model
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from cli_runs import RunningFit, fit_command  # noqa: E402
@@ -87,10 +88,11 @@ def _gone(processes: list[psutil.Process], timeout_s: float) -> bool:
 
 
 def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit, list[psutil.Process]], None],
-                        timeout_s: float) -> tuple[RunningFit, int | None, list[psutil.Process]]:
-    """Start a run, ``disturb(run, its engine processes)`` as its step 2 starts, then wait up to
-    ``timeout_s`` for it to end. Returns the run, its exit status (None: still running) and engines."""
-    run = RunningFit(fit_command(workdir, name), cwd=workdir)
+                        timeout_s: float, *extra: str) -> tuple[RunningFit, int | None, list[psutil.Process]]:
+    """Start a run (``extra``: more flags), ``disturb(run, its engine processes)`` as its step 2
+    starts, then wait up to ``timeout_s`` for it to end. Returns the run, its exit status (None:
+    still running) and engines."""
+    run = RunningFit(fit_command(workdir, name, *extra), cwd=workdir)
     try:
         run.wait_for_step(2)
         engines = run.engines()
@@ -113,6 +115,27 @@ def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
         run.output[-4000:]
     assert _gone(engines, timeout_s=1)
     assert _trained_steps(workdir, "engine_killed") == [1]
+
+
+@pytest.mark.vllm
+def test_one_of_two_engines_killed_mid_step_stops_the_run_naming_it(workdir):
+    """2 ranks, one engine each (`rollout.num_engines 2`): rank 1's engine is SIGKILLed as step 2
+    starts. Rank 1 stops with the error naming that engine, rank 0 follows (its collectives with
+    rank 1 fail, or Lightning's launcher takes it down), engine 0 with it: within 15 s, nothing left."""
+    def kill_engine_1(run: RunningFit, engines: list[psutil.Process]) -> None:
+        _, rank1 = run.ranks()
+        [host] = [p for p in rank1.children() if p.name() == HOST_PROCESS_NAME]
+        host.kill()
+
+    run, code, engines = _disturbed_mid_step(
+        workdir, "engine_1_killed", kill_engine_1, 15, "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        "--rollout.num_engines", "2", "--data.batch_size", "1", "--model.ppo_batch_size", "1",
+    )
+    assert code not in (None, 0), f"the run did not stop within 15 s of engine 1's death:\n{run.output[-4000:]}"
+    assert re.search(r"vLLM engine process died during [\w ]+ \(exit code -9\): engine 1 of 2 \(node 0, rank 1\)",
+                     run.output), run.output[-4000:]
+    assert len(engines) >= 2 and _gone(engines, timeout_s=5)
+    assert _trained_steps(workdir, "engine_1_killed") == [1]
 
 
 @pytest.mark.vllm
