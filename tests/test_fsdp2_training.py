@@ -7,6 +7,8 @@ Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same globa
     (`rollout.num_engines 2`: each rank's engine generates its own prompts, requests 0-1 and 2-3 of
     the step), for Qwen3-VL one engine on rank 0 that generates for both ranks;
   - 1 process, no sharding, 4 prompts.
+(The 2-engine run also validates before fitting: the evaluation scheme through both engines, the
+validation's engines then serving the fit.)
 Every training prompt is the same problem (distinct ids), so the data sampler's split of the batch
 over ranks cannot change what is generated, and each sample's seed is its global request's: one
 engine or two, the same 4 requests are sampled into the same responses. One minibatch per generation step (ppo_batch_size = all rows), so
@@ -90,9 +92,13 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
     # The runs use different weight transports: the sharded one streams out of the shards over the
     # engine's private gloo group (the default) or through shared memory, the single one sends
     # safetensors bytes through the pipe.
+    # With 2 engines the run also validates first (Vanilla) on 2 samples, which serves the fit's
+    # engines (validation does not touch the weights or the trainer's random state).
+    validating = ["--data.val_path", str(generate_geometry_dataset(tmp_path / "val", n_train=1, n_val=2, n_test=0)["val"]),
+                  "--model.validate_before_fit", "true", "--trainer.limit_val_batches", "1"] if engines > 1 else []
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
                    "--trainer.strategy", "fsdp2", "--rollout.weight_transport", sharded_transport,
-                   "--rollout.num_engines", str(engines),
+                   "--rollout.num_engines", str(engines), *validating,
                    "--data.batch_size", "2", "--model.ppo_batch_size", "4", config=config)
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8",
                   "--rollout.weight_transport", "pipe", config=config)
@@ -116,15 +122,16 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
         mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
         print(f"engine/trainer logprob mismatch per step ({label}): {mismatch}")
         assert len(mismatch) == 2 and max(mismatch) <= 1e-4
+        if checkpoint is sharded and engines > 1:  # the evaluation scheme ran through both engines
+            assert any(row.get("val/pass@1_t0.01") is not None for row in rows)
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in single_weights.values()])).all()
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_two_rank_validation_scores_every_sample_once(tmp_path):
-    """`validate` on 2 FSDP2 ranks with 3 samples per split and one engine per rank: the sampler
-    pads rank 1 with a repeat, yet each predictions file holds each sample once, and pass@k is
-    logged for every setting (each rank's engine generated its own prompts)."""
+    """`validate` on 2 FSDP2 ranks with 3 samples per split: the sampler pads rank 1 with a repeat,
+    yet each predictions file holds each sample once, and pass@k is logged for every setting."""
     model = ensure_tiny_model(tmp_path / "tiny")
     splits = generate_geometry_dataset(tmp_path / "geo", n_train=2, n_val=3, n_test=3)
     args = [
@@ -133,7 +140,6 @@ def test_two_rank_validation_scores_every_sample_once(tmp_path):
         "--data.train_path", str(splits["train"]), "--data.val_path", str(splits["val"]),
         "--data.test_path", str(splits["test"]),
         "--trainer.devices", "2", "--trainer.strategy", "fsdp2", "--trainer.enable_progress_bar", "false",
-        "--rollout.num_engines", "2",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
