@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -36,6 +36,10 @@ from maye_pl.rollout.callback import RolloutCallback
 DEMO_MODEL_PATHS = (Path(".cache/tiny-qwen2.5-vl"), Path(".cache/tiny-qwen2-vl"), Path(".cache/tiny-qwen3-vl"))
 DEMO_DATA_DIR = Path("datasets/demo_geometry")
 DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
+
+# The docstring under each field of a hyperparameter group (``maye_pl/hparams.py``) is its help:
+# `--help` and `--print_config=comments` show it.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def train_prompt_budget(max_model_len: int, model: Namespace) -> int | None:

@@ -8,7 +8,7 @@ invocation, through the real vLLM engine on the CPU.
 
 Settings (those of the TRL GRPOTrainer comparison in the README): the tiny random Qwen2.5-VL,
 8 prompts x 4 samples per step, 32 new tokens, one optimizer step per rollout batch
-(``ppo_batch_size`` 32), beta_loss 0.001 with a frozen reference, fp32, vision tower frozen.
+(``ppo.batch_size`` 32), beta_loss 0.001 with a frozen reference, fp32, vision tower frozen.
 Each mode runs ``--steps`` + ``--warmup`` generation steps in a fresh Trainer with a fresh engine;
 the first ``--warmup`` steps are not counted.
 
@@ -114,6 +114,7 @@ def parse_cores(text: str) -> set[int]:
 
 def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from maye_pl.data import MayeDataModule
+    from maye_pl.hparams import LossArgs, PPOArgs
     from maye_pl.module import ReinforcePP
     from maye_pl.types import SamplingConfig
     from maye_pl.rollout.callback import RolloutCallback
@@ -123,7 +124,7 @@ def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: a
     clock = StepClock(args.trainer_cores)
     module = ReinforcePP(
         str(model_dir), sampling=SamplingConfig(n=args.samples, max_tokens=args.max_tokens),
-        validate_before_fit=False, ppo_batch_size=args.prompts * args.samples, kl_loss_coef=0.001, lr=1e-5,
+        validate_before_fit=False, ppo=PPOArgs(batch_size=args.prompts * args.samples), loss=LossArgs(kl_coef=0.001), lr=1e-5,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -149,8 +150,8 @@ def run_engines(num_engines: int, model_dir: Path, data: dict[str, Path], args: 
         "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.devices", str(ranks), "--trainer.strategy", "fsdp2", "--rollout.num_engines", str(num_engines),
         "--data.batch_size", str(args.prompts // ranks), "--model.sampling.n", str(args.samples),
-        "--model.sampling.max_tokens", str(args.max_tokens), "--model.ppo_batch_size", str(args.prompts // ranks * args.samples),
-        "--model.gradient_accumulation_steps", "1", "--model.kl_loss_coef", "0.001", "--model.warmup_steps", "0",
+        "--model.sampling.max_tokens", str(args.max_tokens), "--model.ppo.batch_size", str(args.prompts // ranks * args.samples),
+        "--model.ppo.gradient_accumulation_steps", "1", "--model.loss.kl_coef", "0.001", "--model.optim.warmup_steps", "0",
         "--trainer.logger.init_args.save_dir", str(out / "runs"), "--data.token_count_cache", str(out / "token_counts"),
         "--trainer.callbacks+=bench_step.StepClock", "--trainer.callbacks.out_file", str(clock_file),
     ]

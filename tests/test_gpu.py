@@ -81,8 +81,8 @@ def _fit(tmp_path: Path, name: str, *extra: str, visible_gpus: str | None = None
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--trainer.accelerator", "gpu", "--trainer.devices", "1",
         "--model.rewards", '[{"fn": "test_learning.letter_share_reward", "name": "letter"}]',
-        "--model.reward_penalty", "null", "--model.lr", "1e-3", "--model.warmup_steps", "0",
-        "--trainer.max_steps", "8",  # 32 rows / ppo_batch_size 8 = 4 optimizer steps per generation step
+        "--model.reward_penalty", "null", "--model.lr", "1e-3", "--model.optim.warmup_steps", "0",
+        "--trainer.max_steps", "8",  # 32 rows / ppo.batch_size 8 = 4 optimizer steps per generation step
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.logger.init_args.version", name,
         *extra,
@@ -173,7 +173,7 @@ def test_two_engines_per_node_train_in_sync(tmp_path):
                   "--rollout.engine", "vllm", "--rollout.num_engines", "2", "--rollout.device", "auto",
                   "--rollout.gpu_memory_utilization", "0.3", "--rollout.kv_cache_gb", "null",
                   "--model.dtype", "bfloat16", "--rollout.dtype", "bfloat16", "--data.batch_size", "4",
-                  "--model.ppo_batch_size", "8")
+                  "--model.ppo.batch_size", "8")
     steps = _engine_steps(tmp_path, "two_engines", result)
     output = result.stdout + result.stderr
     assert "vLLM engine on cuda:2 ready" in output and "vLLM engine on cuda:3 ready" in output

@@ -176,7 +176,7 @@ VALIDATING = ["--data.val_path", "geo/validation.jsonl", "--trainer.limit_val_ba
         # generation step, 2 minibatches of 1 prompt. (The 2-rank layouts on one node with one
         # engine, synchronous or pipelined, pass too; left out for the suite's time.)
         (["--rollout.max_staleness", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
-          "--data.batch_size", "1", "--model.ppo_batch_size", "1"], "SIGTERM"),
+          "--data.batch_size", "1", "--model.ppo.batch_size", "1"], "SIGTERM"),
     ],
     ids=["one-process-validating", "one-process-pipelined", "two-nodes-pipelined"],
 )

@@ -138,7 +138,7 @@ def test_one_of_two_engines_killed_mid_step_stops_the_run_naming_it(workdir):
 
     run, code, engines = _disturbed_mid_step(
         workdir, "engine_1_killed", kill_engine_1, 15, "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-        "--rollout.num_engines", "2", "--data.batch_size", "1", "--model.ppo_batch_size", "1",
+        "--rollout.num_engines", "2", "--data.batch_size", "1", "--model.ppo.batch_size", "1",
     )
     assert code not in (None, 0), f"the run did not stop within 15 s of engine 1's death:\n{run.output[-4000:]}"
     assert re.search(r"vLLM engine process died during [\w ]+ \(exit code -9\): engine 1 of 2 \(node 0, rank 1\)",
@@ -165,7 +165,7 @@ def test_ctrl_c_twice_stops_at_once(workdir):
 @pytest.mark.vllm
 def test_a_killed_rank_takes_the_engine_and_the_other_rank_down(workdir):
     run = RunningFit(fit_command(workdir, "rank_killed", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-                                 "--data.batch_size", "1", "--model.ppo_batch_size", "1"), cwd=workdir)
+                                 "--data.batch_size", "1", "--model.ppo.batch_size", "1"), cwd=workdir)
     try:
         run.wait_for_step(2)
         engines = run.engines()
