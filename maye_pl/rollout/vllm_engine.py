@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from maye_pl.rollout.placement import choose_engine_device
+from maye_pl.rollout.placement import engine_devices
 from maye_pl.rollout.rpc import EngineRPC, VLLMEngineError
 from maye_pl.rollout.vllm_host import (
     START_REQUEST_ID,
@@ -54,7 +54,9 @@ class VLLMEngine:
         gpu_memory_utilization: share of the engine GPU's memory vLLM may use (GPU only).
         kv_cache_memory_bytes: KV cache size; None lets vLLM decide (on CPU set it: vLLM's CPU
             default is several GiB).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"`` (see ``placement.choose_engine_device``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or ``"cuda:N,M,..."`` (see
+            ``placement.engine_devices``).
+        tensor_parallel_size: GPUs the engine spans (vLLM's tensor parallelism; GPUs only).
         trainer_devices: GPUs the trainer uses; ``"auto"`` places the engine after them.
         allow_shared: allow the engine on a trainer GPU.
         seed: engine seed (sampling seeds come from ``SamplingConfig.seed``).
@@ -88,6 +90,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.8,
         kv_cache_memory_bytes: int | None = None,
         device: str = "auto",
+        tensor_parallel_size: int = 1,
         trainer_devices: int = 0,
         allow_shared: bool = False,
         seed: int = 0,
@@ -108,17 +111,19 @@ class VLLMEngine:
                 f"weight_bucket_bytes={weight_bucket_bytes} must be positive (`rollout.bucket_mb` "
                 "in the config); the default is 256 MiB."
             )
-        self.device = choose_engine_device(
-            device, trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared
+        [self.device] = engine_devices(
+            device, tensor_parallel_size=tensor_parallel_size, trainer_devices=trainer_devices,
+            visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared,
         )
         self.model_path = str(model_path)
         self.startup_timeout_s = startup_timeout_s
         self.startup_seconds: float | None = None
         self._pusher_options = {"device": self.device, "dtype": dtype, "bucket_bytes": weight_bucket_bytes,
-                                "group_timeout_s": weight_group_timeout_s}
+                                "group_timeout_s": weight_group_timeout_s, "workers": tensor_parallel_size}
         check_transport(weight_transport, self.device)  # before any process starts
         engine_args = vllm_engine_args(
-            self.model_path, self.device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            self.model_path, self.device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, limit_mm_per_prompt=limit_mm_per_prompt, max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             llm_kwargs=llm_kwargs,
@@ -266,7 +271,8 @@ class VLLMHandle:
 
 
 def vllm_engine_args(
-    model_path: str, device: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
+    model_path: str, device: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int, seed: int,
+    enforce_eager: bool,
     limit_mm_per_prompt: int, max_num_seqs: int, gpu_memory_utilization: float,
     kv_cache_memory_bytes: int | None, llm_kwargs: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -279,7 +285,9 @@ def vllm_engine_args(
         "enforce_eager": enforce_eager,
         "limit_mm_per_prompt": {"image": limit_mm_per_prompt, "video": 0},
         "max_num_seqs": max_num_seqs,
-        "distributed_executor_backend": "uni",
+        # One worker in the host process; tensor parallelism needs a worker process per GPU.
+        "tensor_parallel_size": tensor_parallel_size,
+        "distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp",
         # Logprobs of the distribution actually sampled from (temperature and the vision-token
         # ban applied), not of the raw logits.
         "logprobs_mode": "processed_logprobs",
