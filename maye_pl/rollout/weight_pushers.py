@@ -146,10 +146,10 @@ class CollectivePusher(WeightPusher):
     def begin(self) -> None:
         if self.group is not None:
             return
-        store = open_store(self.group_timeout_s)
-        request_id = self.rpc.send("join_weight_group", (store.port, self.group_timeout_s, self.bucket_bytes))
+        store, rendezvous = open_store(*self.rpc.host.weight_group_addresses, self.group_timeout_s)
+        request_id = self.rpc.send("join_weight_group", (rendezvous, self.group_timeout_s, self.bucket_bytes))
         try:  # the worker joins while this process does
-            self.group = join_group(store, TRAINER_RANK, self.device, self.group_timeout_s)
+            self.group = join_group(store, rendezvous, TRAINER_RANK, self.device, self.group_timeout_s)
         except RuntimeError as error:
             raise self._transfer_failed(error) from error
         self.rpc.wait(request_id, "join_weight_group")
