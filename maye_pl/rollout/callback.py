@@ -15,10 +15,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
+from maye_pl.errors import ConfigError
 from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
+from maye_pl.rollout.remote import remote_engines_per_node, remote_problems
 from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import SyncStats
 from maye_pl.types import SamplingConfig
@@ -32,7 +34,8 @@ class RolloutCallback(pl.Callback):
     Hooks:
         ``setup``: lays out the engine groups (``groups.EngineGroups``); each group's owner starts
             its engine (vLLM in its own process on the first GPU the trainer does not use, or the
-            CPU; or the HF engine) without waiting for it to load; every rank builds the pipeline,
+            CPU; or the HF engine; or connects to its engine server, ``remote_engines``) without
+            waiting for it to load; every rank builds the pipeline,
             whose weights start stale, so the current (possibly checkpoint-restored) weights reach
             the engines before the first rollout.
         ``on_train_batch_start`` (generation step k): ``RolloutPipeline.rollouts_for_step`` (wait,
@@ -76,6 +79,7 @@ class RolloutCallback(pl.Callback):
         max_num_seqs: int = 256,
         engine_kwargs: dict[str, Any] | None = None,
         log_level: str = "warning",
+        remote_engines: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -106,6 +110,12 @@ class RolloutCallback(pl.Callback):
                 they override the engine's own settings.
             log_level: vLLM's log level ("debug", "info", "warning", "error"); "info" shows its
                 config dump and per-step lines.
+            remote_engines: ``["HOST:PORT", ...]`` of engine servers (``python -m maye_pl engine
+                --listen HOST:PORT`` on inference machines) to use instead of local engines, in
+                engine-group order: with N nodes and K servers per node, node n's K rank groups take
+                entries n*K .. n*K+K-1 (each group's first rank connects to its server). Needs the
+                servers' key in ``MAYE_PL_ENGINE_KEY``; ``device`` and ``allow_shared_device`` are
+                then the servers' business (``--device``), and the model path is read there.
         """
         super().__init__()
         if engine not in ("vllm", "hf"):
@@ -119,6 +129,10 @@ class RolloutCallback(pl.Callback):
         self._restored_state: dict[str, Any] | None = None
         if log_level.upper() not in _LOG_LEVELS:
             raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
+        problems = remote_problems(remote_engines, engine, weight_transport)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        self.remote_engines = remote_engines
         self.engine_kind = engine
         self.model_path = model_path
         self.dtype = dtype
@@ -153,7 +167,11 @@ class RolloutCallback(pl.Callback):
                 f"module with `peek_train_batch` (MayeDataModule); {type(trainer.datamodule).__name__} has none — "
                 "set `rollout.max_staleness` 0."
             )
-        comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes))
+        engines_per_node = 1
+        if self.remote_engines:
+            engines_per_node = remote_engines_per_node(self.remote_engines, trainer.num_nodes,
+                                                       trainer.world_size // trainer.num_nodes)
+        comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes, engines_per_node))
         if comm.is_owner:
             # vLLM loads in its own process while the trainer builds its model (configure_model
             # runs after this hook); its first operation waits for it.
@@ -174,6 +192,9 @@ class RolloutCallback(pl.Callback):
             discard_prestarted_host()  # the CLI's vLLM host (maye_pl/__main__.py) has no use here
             model = load_policy(model_path, dtype=self.dtype).to(pl_module.device).eval()
             return HFEngine(model, pl_module.processor)
+        remote = self.remote_engines[comm.group] if self.remote_engines else None
+        if remote is not None:
+            discard_prestarted_host()  # the CLI's local engine host has no use here
         return VLLMEngine(
             model_path,
             dtype=self.dtype,
@@ -189,6 +210,7 @@ class RolloutCallback(pl.Callback):
             weight_transport=self.weight_transport,
             wait=False,
             name=comm.groups.name(comm.group),
+            remote=remote,
             **self.vllm_options,
         )
 
