@@ -245,7 +245,8 @@ def connect_engine_server(address: str, name: str, timeout_s: float = CONNECT_TI
 # ---------------------------------------------------------------------------------- the config
 
 
-def remote_problems(remote_engines: list[str] | None, engine: str, weight_transport: str) -> list[str]:
+def remote_problems(remote_engines: list[str] | None, engine: str, weight_transport: str,
+                    tensor_parallel_size: int) -> list[str]:
     """Every problem with ``rollout.remote_engines`` and the settings it constrains."""
     if not remote_engines:
         return []
@@ -260,34 +261,37 @@ def remote_problems(remote_engines: list[str] | None, engine: str, weight_transp
                         "engine group: list each once.")
     if engine != "vllm":
         problems.append(f"`rollout.remote_engines` serves vLLM engines; `rollout.engine`={engine!r} must be 'vllm'.")
-    try:
-        check_remote_transport(weight_transport)
-    except ConfigError as error:
-        problems.append(str(error))
+    problems += remote_engine_problems(weight_transport, tensor_parallel_size)
     if engine_key() is None:
         problems.append(missing_key_message("`rollout.remote_engines`"))
     return problems
 
 
-def check_remote_transport(weight_transport: str) -> None:
-    """A ConfigError unless ``rollout.weight_transport`` reaches an engine on another machine."""
+def remote_engine_problems(weight_transport: str, tensor_parallel_size: int) -> list[str]:
+    """What keeps an engine server from serving with these settings: a ``rollout.weight_transport``
+    that cannot reach another machine, tensor parallelism (a server's engine runs on one device)."""
+    problems = []
     if weight_transport == "shared_memory":
-        raise ConfigError(
+        problems.append(
             "`rollout.weight_transport`='shared_memory' needs the engine on this host's CPU; a remote engine "
             "takes 'collective' (a process group over the network) or 'pipe' (the engine's socket)."
         )
-
-
-def remote_engines_per_node(remote_engines: list[str], num_nodes: int, ranks_per_node: int) -> int:
-    """Engines per node for ``rollout.remote_engines``: the list is in engine-group order, node-major
-    (node n's K groups take entries n*K .. n*K+K-1), so its length must split evenly over the nodes,
-    with at least one trainer rank per engine to own it."""
-    count = len(remote_engines)
-    if count % num_nodes or count // num_nodes > ranks_per_node:
-        raise ConfigError(
-            f"`rollout.remote_engines` lists {count} server(s) for `trainer.num_nodes`={num_nodes} with "
-            f"{ranks_per_node} rank(s) each: every node takes the same number of servers (entries n*K .. "
-            f"n*K+K-1 serve node n), at most one per rank; list a multiple of {num_nodes}, at most "
-            f"{num_nodes * ranks_per_node}."
+    if tensor_parallel_size != 1:
+        problems.append(
+            f"`rollout.tensor_parallel_size`={tensor_parallel_size}: an engine server runs its engine on one "
+            "device; set it to 1 and run one server per GPU (`--device cuda:N`, one port each) in "
+            "`rollout.remote_engines`."
         )
-    return count // num_nodes
+    return problems
+
+
+def check_remote_count(remote_engines: list[str], num_engines: int, num_nodes: int) -> None:
+    """A ConfigError unless ``rollout.remote_engines`` lists one server per engine group: the list is
+    in engine-group order, node-major (node n's K = ``num_engines`` groups take entries n*K .. n*K+K-1)."""
+    if len(remote_engines) != num_engines * num_nodes:
+        raise ConfigError(
+            f"`rollout.remote_engines` lists {len(remote_engines)} server(s); `rollout.num_engines`={num_engines} "
+            f"engine(s) per node on `trainer.num_nodes`={num_nodes} node(s) take {num_engines * num_nodes} (node n's "
+            f"engines are entries n*K .. n*K+K-1): list that many, or set `rollout.num_engines` to "
+            f"len(remote_engines) / num_nodes."
+        )

@@ -23,15 +23,16 @@ import logging
 import os
 import time
 import weakref
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from maye_pl.rollout.placement import choose_engine_device
-from maye_pl.rollout.remote import check_remote_transport, connect_engine_server
+from maye_pl.errors import ConfigError
+from maye_pl.rollout.placement import engine_devices
+from maye_pl.rollout.remote import connect_engine_server, remote_engine_problems
 from maye_pl.rollout.rpc import EngineRPC, VLLMEngineError
 from maye_pl.rollout.vllm_host import (
     START_REQUEST_ID,
@@ -58,7 +59,9 @@ class VLLMEngine:
         gpu_memory_utilization: share of the engine GPU's memory vLLM may use (GPU only).
         kv_cache_memory_bytes: KV cache size; None lets vLLM decide (on CPU set it: vLLM's CPU
             default is several GiB).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"`` (see ``placement.choose_engine_device``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or ``"cuda:N,M,..."`` (see
+            ``placement.engine_devices``).
+        tensor_parallel_size: GPUs the engine spans (vLLM's tensor parallelism; GPUs only).
         trainer_devices: GPUs the trainer uses; ``"auto"`` places the engine after them.
         allow_shared: allow the engine on a trainer GPU.
         seed: engine seed (sampling seeds come from ``SamplingConfig.seed``).
@@ -97,6 +100,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.8,
         kv_cache_memory_bytes: int | None = None,
         device: str = "auto",
+        tensor_parallel_size: int = 1,
         trainer_devices: int = 0,
         allow_shared: bool = False,
         seed: int = 0,
@@ -123,18 +127,20 @@ class VLLMEngine:
         self.startup_seconds: float | None = None
         self._started = time.perf_counter()
         if remote is None:
-            model, host_settings = self._spawn_host(device, trainer_devices, allow_shared, weight_transport, log_level)
+            model, host_settings = self._spawn_host(device, tensor_parallel_size, trainer_devices, allow_shared,
+                                                    weight_transport, log_level)
         else:
-            model, host_settings = self._connect(remote, name, weight_transport, log_level)
+            model, host_settings = self._connect(remote, name, tensor_parallel_size, weight_transport, log_level)
         self._finalizer = weakref.finalize(self, self._host.stop)
         pid = f", pid {self._host.pid}" if self._host.pid is not None else ""
         self.rpc = EngineRPC(self._host, f"{name} {self.location}{pid}", on_fatal=self.shutdown,
                              first_request_id=START_REQUEST_ID + 1)
         self._pusher_options = {"device": self.device, "dtype": dtype, "bucket_bytes": weight_bucket_bytes,
-                                "group_timeout_s": weight_group_timeout_s}
+                                "group_timeout_s": weight_group_timeout_s, "workers": tensor_parallel_size}
         self.pusher = make_pusher(weight_transport, self.rpc, **self._pusher_options)
         engine_args = vllm_engine_args(
-            model, self.device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            model, self.device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, limit_mm_per_prompt=limit_mm_per_prompt, max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             llm_kwargs=llm_kwargs,
@@ -144,11 +150,12 @@ class VLLMEngine:
         if wait:
             self.wait_ready()
 
-    def _spawn_host(self, device: str, trainer_devices: int, allow_shared: bool, weight_transport: str,
-                    log_level: str) -> tuple[str, dict[str, str]]:
+    def _spawn_host(self, device: str, tensor_parallel_size: int, trainer_devices: int, allow_shared: bool,
+                    weight_transport: str, log_level: str) -> tuple[str, dict[str, str]]:
         """Place the engine, adopt or spawn its host; returns the start request's model and environment."""
-        self.device = choose_engine_device(
-            device, trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared
+        [self.device] = engine_devices(
+            device, tensor_parallel_size=tensor_parallel_size, trainer_devices=trainer_devices,
+            visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared,
         )
         check_transport(weight_transport, self.device)  # before any process starts
         env = host_environment(self.device, log_level)
@@ -156,10 +163,13 @@ class VLLMEngine:
         self.location = f"on {self.device}"
         return self.model_path, env
 
-    def _connect(self, remote: str, name: str, weight_transport: str, log_level: str) -> tuple[str, str]:
+    def _connect(self, remote: str, name: str, tensor_parallel_size: int, weight_transport: str,
+                 log_level: str) -> tuple[str, str]:
         """Connect to the engine server at ``remote`` (its engine runs on its device, in its
         environment); returns the start request's model and log level."""
-        check_remote_transport(weight_transport)
+        problems = remote_engine_problems(weight_transport, tensor_parallel_size)
+        if problems:
+            raise ConfigError(" ".join(problems))
         self._host = connect_engine_server(remote, name)
         self.device = self._host.device
         self.location = f"on {self.device} at the engine server {remote}"
@@ -300,7 +310,8 @@ class VLLMHandle:
 
 
 def vllm_engine_args(
-    model_path: str, device: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
+    model_path: str, device: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int, seed: int,
+    enforce_eager: bool,
     limit_mm_per_prompt: int, max_num_seqs: int, gpu_memory_utilization: float,
     kv_cache_memory_bytes: int | None, llm_kwargs: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -313,7 +324,9 @@ def vllm_engine_args(
         "enforce_eager": enforce_eager,
         "limit_mm_per_prompt": {"image": limit_mm_per_prompt, "video": 0},
         "max_num_seqs": max_num_seqs,
-        "distributed_executor_backend": "uni",
+        # One worker in the host process; tensor parallelism needs a worker process per GPU.
+        "tensor_parallel_size": tensor_parallel_size,
+        "distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp",
         # Logprobs of the distribution actually sampled from (temperature and the vision-token
         # ban applied), not of the raw logits.
         "logprobs_mode": "processed_logprobs",

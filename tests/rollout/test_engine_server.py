@@ -183,8 +183,8 @@ def test_a_trainer_that_hangs_up_mid_start_frees_the_server_within_seconds(serve
     the test pays no second trainer's imports). The server stops that engine host at once."""
     start = server.mark()
     trainer = connect_engine_server(server.address, "a trainer about to die")
-    engine_args = vllm_engine_args(str(workdir / "tiny"), trainer.device, dtype="float32", max_model_len=1024, seed=0,
-                                   enforce_eager=True, limit_mm_per_prompt=1, max_num_seqs=8,
+    engine_args = vllm_engine_args(str(workdir / "tiny"), trainer.device, dtype="float32", tensor_parallel_size=1,
+                                   max_model_len=1024, seed=0, enforce_eager=True, limit_mm_per_prompt=1, max_num_seqs=8,
                                    gpu_memory_utilization=0.8, kv_cache_memory_bytes=2**28, llm_kwargs=None)
     trainer.conn.send((START_REQUEST_ID, "start", (engine_args, "warning")))
     server.wait_for(r"serving 127\.0\.0\.1:\d+", after=start)

@@ -13,13 +13,14 @@ import pytest
 
 from maye_pl.errors import ConfigError
 from maye_pl.rollout.callback import RolloutCallback
+from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.remote import (
     KEY_ENV,
     WrongKeyError,
     authenticate_client,
     authenticate_server,
+    check_remote_count,
     parse_address,
-    remote_engines_per_node,
     set_receive_timeout,
 )
 
@@ -77,19 +78,24 @@ def test_addresses_parse(address, parsed) -> None:
 def test_remote_engine_settings_are_checked_together(monkeypatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     with pytest.raises(ConfigError) as raised:
-        RolloutCallback(engine="hf", weight_transport="shared_memory", remote_engines=["a:1", "b", "a:1"])
+        RolloutCallback(engine="hf", weight_transport="shared_memory", tensor_parallel_size=2,
+                        remote_engines=["a:1", "b", "a:1"])
     message = str(raised.value)
     assert "`rollout.remote_engines`[1]: 'b' is not HOST:PORT" in message
     assert "lists a server twice" in message
     assert "`rollout.engine`='hf' must be 'vllm'" in message
     assert "'shared_memory' needs the engine on this host's CPU; a remote engine takes 'collective'" in message
+    assert "`rollout.tensor_parallel_size`=2: an engine server runs its engine on one device" in message
     assert f"needs the shared key in the environment variable {KEY_ENV}" in message
 
 
 def test_servers_map_onto_each_nodes_rank_groups() -> None:
-    # 4 servers over 2 nodes of 3 ranks: 2 engine groups per node (entries 0, 1 serve node 0).
-    assert remote_engines_per_node(["a:1", "b:1", "c:1", "d:1"], num_nodes=2, ranks_per_node=3) == 2
-    with pytest.raises(ConfigError, match="lists 3 server\\(s\\) for `trainer.num_nodes`=2 .* list a multiple of 2, at most 6"):
-        remote_engines_per_node(["a:1", "b:1", "c:1"], num_nodes=2, ranks_per_node=3)
-    with pytest.raises(ConfigError, match="at most 2"):  # more servers than ranks to own them
-        remote_engines_per_node(["a:1", "b:1", "c:1"], num_nodes=1, ranks_per_node=2)
+    # 4 servers, 2 nodes of 3 ranks, `rollout.num_engines` 2: group g (owner = its first rank)
+    # connects to entry g, node-major: node 0's groups take entries 0, 1; node 1's take 2, 3.
+    servers = ["a:1", "b:1", "c:1", "d:1"]
+    check_remote_count(servers, num_engines=2, num_nodes=2)
+    groups = EngineGroups(world_size=6, num_nodes=2, engines_per_node=2)
+    assert {servers[g]: groups.groups[g] for g in range(4)} == {"a:1": (0, 1), "b:1": (2,), "c:1": (3, 4), "d:1": (5,)}
+    with pytest.raises(ConfigError, match=r"lists 3 server\(s\); `rollout.num_engines`=2 engine\(s\) per node on "
+                                          r"`trainer.num_nodes`=2 node\(s\) take 4"):
+        check_remote_count(servers[:3], num_engines=2, num_nodes=2)

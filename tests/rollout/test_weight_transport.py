@@ -109,6 +109,6 @@ def test_a_shared_buffer_maps_one_memory_wherever_its_descriptor_goes() -> None:
 
 
 def test_shared_memory_is_refused_for_a_gpu_engine(monkeypatch) -> None:
-    monkeypatch.setattr(vllm_engine, "choose_engine_device", lambda *args, **kwargs: "cuda:7")
+    monkeypatch.setattr(vllm_engine, "engine_devices", lambda *args, **kwargs: ["cuda:7"])
     with pytest.raises(ValueError, match=r"weight_transport='shared_memory' needs the engine on this host's CPU, not on cuda:7"):
         vllm_engine.VLLMEngine("unused", weight_transport="shared_memory")
