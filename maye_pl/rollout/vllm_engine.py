@@ -170,6 +170,7 @@ class VLLMEngine:
         problems = remote_engine_problems(weight_transport, tensor_parallel_size)
         if problems:
             raise ConfigError(" ".join(problems))
+        logger.info("%s: connecting to the engine server at %s", name, remote)
         self._host = connect_engine_server(remote, name)
         self.device = self._host.device
         self.location = f"on {self.device} at the engine server {remote}"
