@@ -90,7 +90,9 @@ class Rendezvous(NamedTuple):
     """The group's key prefix in the store (random)."""
 
 
-def open_store(host: str, engine_host: str, timeout_s: float, group_size: int = GROUP_SIZE) -> tuple[TCPStore, Rendezvous]:
+def open_store(
+    host: str, engine_host: str, timeout_s: float, group_size: int = GROUP_SIZE
+) -> tuple[TCPStore, Rendezvous]:
     """The trainer's store, listening on ``host`` only (a free port), and the rendezvous of a group
     of ``group_size`` whose engine members bind ``engine_host``."""
     listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -3,12 +3,11 @@ the module's tests in order, and must survive each of them.
 
 - It refuses to start without a key; a pickle sent before authentication is never loaded.
 - An unreadable model path is a clear refusal before any engine starts.
+- A trainer that hangs up while its engine starts (SIGKILLed) frees the server within seconds.
 - A demo `fit` with `--rollout.remote_engines` trains in sync with the server's engine
   (`policy/engine_logprob_mismatch` <= 1e-4 at both steps, weights over the collective transport);
-  a second trainer meanwhile gets a "busy" refusal; the server takes the next trainer after it.
-- A `fit` with a wrong key stops within 60 s (of CPU; 10 s from its connection attempt) naming
-  MAYE_PL_ENGINE_KEY; the server is still ready.
-- A trainer that hangs up while its engine starts (SIGKILLed) frees the server within seconds.
+  meanwhile a second trainer gets a "busy" refusal and a `fit` with a wrong key stops within 60 s
+  (of CPU; 10 s from its connection attempt) naming MAYE_PL_ENGINE_KEY; the server is ready after both.
 - SIGTERM stops the server and its engine host: nothing is left running.
 """
 
@@ -139,52 +138,6 @@ def test_an_unreadable_model_path_is_refused_before_any_engine_starts(server, ke
         VLLMEngine("/nonexistent/tiny", remote=server.address, name="engine 0 of 1")
 
 
-def test_a_demo_fit_trains_in_sync_and_a_second_trainer_finds_the_server_busy(server, workdir, key) -> None:
-    start = server.mark()
-    run = RunningFit(fit_command(workdir, "served", "--rollout.remote_engines", f'["{server.address}"]'), cwd=workdir)
-    try:
-        server.wait_for(r"serving 127\.0\.0\.1:\d+", after=start)
-        with pytest.raises(EngineRefusedError, match=(
-            rf"a second trainer: the engine server at {server.address} is busy: it serves the trainer at "
-            r"127\.0\.0\.1:\d+ \(connected \d+ s ago\) and takes one trainer at a time"
-        )):
-            connect_engine_server(server.address, "a second trainer")
-        code, _ = run.wait(timeout_s=600)
-    finally:
-        run.kill()
-    assert code == 0, run.output[-4000:]
-    assert f"vLLM engine on cpu at the engine server {server.address} ready in" in run.output
-    steps = [row for row in read_metrics(str(workdir / "runs/demo/served")) if "loss/total" in row]
-    # lr 1e-3 moves the weights far enough that an engine left with the initial ones at step 2
-    # would be off by ~0.4 (tests/test_resume.py): the weights reached the server's engine.
-    assert [row["generation_step"] for row in steps] == [1, 2]
-    assert all(row["policy/engine_logprob_mismatch"] <= 1e-4 for row in steps), steps
-    assert all(row["perf/weight_push_s"] > 0 for row in steps)
-    server.wait_for(r"left after .* ready for the next trainer", after=start)
-
-
-def test_a_fit_with_a_wrong_key_is_refused_within_60_s_and_the_server_stays_ready(server, workdir, key) -> None:
-    """"Within 60 s", measured so that a loaded machine cannot fake or fail it: the fit spends
-    under 60 s of CPU in all (imports, config, setup: ~9 s) and waits on nothing but the refusal,
-    which arrives within 10 s of its connection attempt (no timeout is waited out), so an idle
-    machine refuses it within 60 s of its start. (At load 25-30 on 2 cores its wall time is 45-90 s.)"""
-    args, env, _ = fit_command(workdir, "wrong_key", "--rollout.remote_engines", f'["{server.address}"]')
-    process = subprocess.Popen(args, cwd=workdir, env={**env, KEY_ENV: "not-the-key", "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = [(time.monotonic(), line) for line in process.stdout]  # (when it was printed, the line)
-    _, status, usage = os.wait4(process.pid, 0)
-    output = "".join(line for _, line in lines)
-    assert os.waitstatus_to_exitcode(status) == 2 and "Traceback" not in output, output[-4000:]
-    message = (f"EngineRefusedError: the engine server at {server.address} did not accept engine 0 of 1 (node 0, "
-               f"rank 0): it was started with another key than this {KEY_ENV}; set {KEY_ENV} to the server's key on "
-               "every trainer node.")
-    [connecting] = [when for when, line in lines if f"connecting to the engine server at {server.address}" in line]
-    [refused] = [when for when, line in lines if message in line]
-    assert refused - connecting < 10
-    assert usage.ru_utime + usage.ru_stime < 60
-    connect_engine_server(server.address, "the next trainer").stop()  # "ready": alive and not busy
-
-
 def test_a_trainer_that_hangs_up_mid_start_frees_the_server_within_seconds(server, workdir, key) -> None:
     """A trainer connects, asks for its engine and is SIGKILLed while the engine starts: the kernel
     closes its socket, which is all the server sees of it (done here by closing the socket, so
@@ -200,6 +153,62 @@ def test_a_trainer_that_hangs_up_mid_start_frees_the_server_within_seconds(serve
     closed = time.monotonic()
     server.wait_for(r"left after [\d.]+ min \(closed the connection\); ready for the next trainer", after=start, timeout_s=30)
     assert time.monotonic() - closed < 5
+
+
+def _wrong_key_fit(server: Server, workdir: Path) -> subprocess.Popen:
+    """A demo `fit` for the server with another key (started beside the served fit: its ~9 s of
+    imports overlap that run's)."""
+    args, env, _ = fit_command(workdir, "wrong_key", "--rollout.remote_engines", f'["{server.address}"]')
+    return subprocess.Popen(args, cwd=workdir, env={**env, KEY_ENV: "not-the-key", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _check_refused_within_60_s(process: subprocess.Popen, server: Server) -> None:
+    """"Within 60 s", measured so that a loaded machine cannot fake or fail it: the fit spends
+    under 60 s of CPU in all (imports, config, setup: ~9 s) and waits on nothing but the refusal,
+    which arrives within 10 s of its connection attempt (no timeout is waited out), so an idle
+    machine refuses it within 60 s of its start. (At load 25-30 on 2 cores its wall time is 45-90 s.)"""
+    lines = [(time.monotonic(), line) for line in process.stdout]  # (when it was printed, the line)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    output = "".join(line for _, line in lines)
+    assert process.returncode == 2 and "Traceback" not in output, output[-4000:]
+    message = (f"EngineRefusedError: the engine server at {server.address} did not accept engine 0 of 1 (node 0, "
+               f"rank 0): it was started with another key than this {KEY_ENV}; set {KEY_ENV} to the server's key on "
+               "every trainer node.")
+    [connecting] = [when for when, line in lines if f"connecting to the engine server at {server.address}" in line]
+    [refused] = [when for when, line in lines if message in line]
+    assert refused - connecting < 10
+    assert usage.ru_utime + usage.ru_stime < 60
+
+
+def test_a_demo_fit_trains_in_sync_while_a_busy_trainer_and_a_wrong_key_fit_are_refused(server, workdir, key) -> None:
+    start = server.mark()
+    run = RunningFit(fit_command(workdir, "served", "--rollout.remote_engines", f'["{server.address}"]'), cwd=workdir)
+    wrong_key = _wrong_key_fit(server, workdir)
+    try:
+        server.wait_for(r"serving 127\.0\.0\.1:\d+", after=start)
+        with pytest.raises(EngineRefusedError, match=(
+            rf"a second trainer: the engine server at {server.address} is busy: it serves the trainer at "
+            r"127\.0\.0\.1:\d+ \(connected \d+ s ago\) and takes one trainer at a time"
+        )):
+            connect_engine_server(server.address, "a second trainer")
+        _check_refused_within_60_s(wrong_key, server)
+        code, _ = run.wait(timeout_s=600)
+    finally:
+        run.kill()
+        wrong_key.kill()
+    assert code == 0, run.output[-4000:]
+    assert f"vLLM engine on cpu at the engine server {server.address} ready in" in run.output
+    steps = [row for row in read_metrics(str(workdir / "runs/demo/served")) if "loss/total" in row]
+    # lr 1e-3 moves the weights far enough that an engine left with the initial ones at step 2
+    # would be off by ~0.4 (tests/test_resume.py): the weights reached the server's engine.
+    assert [row["generation_step"] for row in steps] == [1, 2]
+    assert all(row["policy/engine_logprob_mismatch"] <= 1e-4 for row in steps), steps
+    assert all(row["perf/weight_push_s"] > 0 for row in steps)
+    server.wait_for(r"left after .* ready for the next trainer", after=start)
+    assert "wrong key" in server.log.read_text()[start:]
+    connect_engine_server(server.address, "the next trainer").stop()  # "ready": alive and not busy after both
 
 
 def test_sigterm_stops_the_server_and_its_engine_host(server) -> None:
