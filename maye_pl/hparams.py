@@ -4,6 +4,8 @@
     model.loss         LossArgs        Step IV: the policy loss, its clipping, the KL loss, aggregation
     model.ppo          PPOArgs         Step IV: epochs, minibatches, gradient accumulation
     model.off_policy   OffPolicyArgs   Step IV: importance weights of rollouts the engine sampled
+    model.dynamic_sampling DynamicSamplingArgs  Step II: DAPO's dynamic sampling of groups
+    model.lora         LoraArgs        (maye_pl/models/lora.py, shared with the SFT baseline)
     model.optim        OptimArgs       (maye_pl/optim.py, shared with the SFT baseline)
 
 Each group checks itself (``problems``: every problem names its full key, the value, the rule and
@@ -125,9 +127,35 @@ class OffPolicyArgs:
         return []
 
 
-def cross_group_problems(advantages: AdvantageArgs, off_policy: OffPolicyArgs, sampling: SamplingConfig) -> list[str]:
+@dataclass(frozen=True)
+class DynamicSamplingArgs:
+    """DAPO's dynamic sampling (arXiv 2503.14476 §3.2; ``maye_pl.rollout.dynamic_sampling``): groups
+    whose scores are all equal are dropped and more prompts are generated until the batch is full."""
+
+    enabled: bool = False
+    """Drop a prompt's G samples when their scores (after penalties) are all equal: under a group
+    estimator (grpo, dr_grpo) their advantage is 0. Extra prompts come from a per-(seed, step,
+    round) draw of the training split, so the epoch's order and an exact resume are kept."""
+    max_extra_rounds: int = 3
+    """Generation rounds after the step's batch, at most; when they run out, each rank fills its
+    batch with dropped groups (advantage 0), so every rank keeps ``data.batch_size`` prompts."""
+
+    def problems(self, key: str = "model.dynamic_sampling") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        if self.max_extra_rounds < 0:
+            return [f"`{key}.max_extra_rounds`={self.max_extra_rounds} must be >= 0 (0: drop nothing, refill nothing)."]
+        return []
+
+
+def cross_group_problems(advantages: AdvantageArgs, off_policy: OffPolicyArgs, sampling: SamplingConfig,
+                         dynamic_sampling: DynamicSamplingArgs = DynamicSamplingArgs()) -> list[str]:
     """Problems that span groups of ReinforcePP's hyperparameters."""
     problems = []
+    if dynamic_sampling.enabled and sampling.n < 2:
+        problems.append(
+            f"`model.dynamic_sampling.enabled` drops groups whose G samples score alike, but "
+            f"`model.sampling.n`={sampling.n} makes every group one sample; set it to 2 or more."
+        )
     if advantages.estimator in GROUP_ESTIMATORS and sampling.n < 2:
         problems.append(
             f"`model.advantages.estimator`={advantages.estimator!r} compares samples of the same "

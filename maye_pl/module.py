@@ -26,7 +26,14 @@ from maye_pl.evaluation.step_metrics import (
     micro_batch_stats,
     rollout_step_metrics,
 )
-from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs, cross_group_problems
+from maye_pl.hparams import (
+    AdvantageArgs,
+    DynamicSamplingArgs,
+    LossArgs,
+    OffPolicyArgs,
+    PPOArgs,
+    cross_group_problems,
+)
 from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response_logprobs
 from maye_pl.optim import tokens_per_rank
 from maye_pl.policy_module import PolicyModule
@@ -45,6 +52,7 @@ class ReinforcePP(PolicyModule):
     loss: LossArgs
     ppo: PPOArgs
     off_policy: OffPolicyArgs
+    dynamic_sampling: DynamicSamplingArgs
 
     def __init__(
         self,
@@ -58,6 +66,7 @@ class ReinforcePP(PolicyModule):
         loss: LossArgs = LossArgs(),
         ppo: PPOArgs = PPOArgs(),
         off_policy: OffPolicyArgs = OffPolicyArgs(),
+        dynamic_sampling: DynamicSamplingArgs = DynamicSamplingArgs(),
         max_tokens_per_micro_batch: int | None = None,
         dedup_group_prompts: bool = False,
         lr: float = 5e-6,
@@ -78,6 +87,8 @@ class ReinforcePP(PolicyModule):
             loss: Step IV's loss (PPO-clip ε, β_loss of the k3 KL, aggregation).
             ppo: Step IV's schedule (epochs, minibatch rows, gradient accumulation).
             off_policy: Importance weights of the sampled tokens from the engine's log-probs.
+            dynamic_sampling: DAPO's dynamic sampling: train only on groups whose scores differ,
+                generating more prompts in capped extra rounds (done by RolloutCallback).
             max_tokens_per_micro_batch: Token budget of each forward pass, padding included: rows are
                 grouped by length into micro-batches of at most this many tokens (no-grad passes and
                 the update; at least ``ppo.gradient_accumulation_steps`` per minibatch); None = row
@@ -102,7 +113,8 @@ class ReinforcePP(PolicyModule):
         return self.advantages.kl_coef != 0.0 or self.loss.kl_coef != 0.0
 
     def config_problems(self) -> list[str]:
-        groups = {"advantages": self.advantages, "loss": self.loss, "ppo": self.ppo, "off_policy": self.off_policy}
+        groups = {"advantages": self.advantages, "loss": self.loss, "ppo": self.ppo, "off_policy": self.off_policy,
+                  "dynamic_sampling": self.dynamic_sampling}
         problems = [problem for name, group in groups.items() for problem in group.problems(f"model.{name}")]
         budget = self.hparams.max_tokens_per_micro_batch
         if budget is not None and budget < 1:
@@ -110,7 +122,8 @@ class ReinforcePP(PolicyModule):
                 f"`model.max_tokens_per_micro_batch`={budget} must be a positive token count (e.g. 16384), "
                 "or null for row micro-batches."
             )
-        return super().config_problems() + problems + cross_group_problems(self.advantages, self.off_policy, self.sampling)
+        return super().config_problems() + problems + cross_group_problems(
+            self.advantages, self.off_policy, self.sampling, self.dynamic_sampling)
 
     # ------------------------------------------------------------------ setup
 
@@ -135,8 +148,9 @@ class ReinforcePP(PolicyModule):
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
-        """Steps I-IV for one rollout batch (Step I is the batch itself, Step II the callback's rollouts)."""
-        rollouts = self.rollout_queue.take(self.generation_step, expected=len(batch) * self.sampling.n)
+        """Steps I-IV for one rollout batch (Step I is the batch itself, Step II the callback's rollouts;
+        with dynamic sampling the callback hands back the prompts it kept and drew instead of the batch)."""
+        batch, rollouts = self.rollout_queue.take(self.generation_step, expected=len(batch) * self.sampling.n)
         t0 = time.perf_counter()
         trajectory = self.generate_trajectory(batch, rollouts)
         t1 = time.perf_counter()
@@ -160,36 +174,30 @@ class ReinforcePP(PolicyModule):
     def generate_trajectory(self, batch: list[dict], rollouts: list[Rollout]) -> Trajectory:
         """Step III - trajectory: tokens, old/ref logprobs, rewards and advantages for N = B*G rows."""
         G = self.sampling.n
-        samples = [sample for sample in batch for _ in range(G)]  # request-major, like the rollouts
-        requests = [request for request in self.requests(batch) for _ in range(G)]
+        self.policy.eval()  # no dropout (LoRA's) in the scoring passes; update_policy switches back
+        requests = [request for request in self.requests(batch) for _ in range(G)]  # request-major, like the rollouts
 
         # Step III.1 - tokens: the trainer re-tokenizes prompt+response itself, cut at the first stop
         # token, so that every later step sees exactly the tokens the engine sampled.
         inputs = build_policy_inputs(
             self.processor, requests, [r.token_ids for r in rollouts], pad_token_id=self.pad_token_id, adapter=self.adapter
         ).to(self.device)
-        # The pad id may itself be a stop id (Qwen's <|endoftext|>): keep the length mask too.
-        response_ids, stop_mask = rl.truncate_at_stop(inputs.response_ids, self.stop_token_ids, self.pad_token_id)
-        response_mask = stop_mask & inputs.response_mask  # (N, T)
+        response_mask = self.response_tokens(rollouts)[1].to(self.device)  # (N, T)
         behaviour_logprobs = engine_logprobs(rollouts, response_mask)  # (N, T) or None
 
         # Step III.2 - old logprobs: the proximal policy, in training numerics. With one PPO epoch of
         # one minibatch and no KL reward, the update's own forward (before its only optimizer step)
         # IS this policy, so the separate forward is skipped and the update fills them in.
         old_logprobs = None if self.update_scores_old_policy(response_mask) else self.score(self.policy, inputs) * response_mask
-        # Step III.3 - ref logprobs: KL is taken against the frozen initial policy.
-        ref_logprobs = self.score(self.ref_policy, inputs) * response_mask if self.ref_policy is not None else None
+        # Step III.3 - ref logprobs: KL is taken against the frozen initial policy (with LoRA: the
+        # policy with its adapters off).
+        ref_logprobs = None
+        if self.needs_reference:
+            with self.reference() as reference:
+                ref_logprobs = self.score(reference, inputs) * response_mask
 
-        # Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
-        # is too short) gets `reward_penalty` instead, as in MAYE.
-        texts = [r.text for r in rollouts]
-        scores, reward_components = score_responses(self.rewards, texts, samples)
-        scores = scores.to(self.device)
-        penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
-        if self.hparams.reward_penalty is not None:
-            scores = rl.apply_penalty(scores, penalized, self.hparams.reward_penalty)  # (N,)
-        else:
-            penalized = torch.zeros_like(penalized)
+        # Step III.4 - rewards (``score_rollouts``; dynamic sampling filtered the groups by them).
+        scores, reward_components, penalized = self.score_rollouts(batch, rollouts)
 
         # Step III.5 - advantages: Reinforce++ whitens returns over the GLOBAL batch (all ranks).
         adv = self.advantages
@@ -204,6 +212,36 @@ class ReinforcePP(PolicyModule):
             inputs, response_mask, old_logprobs, ref_logprobs, behaviour_logprobs, staleness.to(self.device),
             scores, advantages, returns, reward_components, penalized,
         )
+
+    def response_tokens(self, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rollouts' response ids (N, T), cut after the first stop token, and the mask (N, T) of
+        their valid tokens (the stop token included), on the CPU."""
+        lengths = torch.tensor([len(r.token_ids) for r in rollouts])  # (N,)
+        ids = torch.full((len(rollouts), max(map(len, (r.token_ids for r in rollouts)), default=0)), self.pad_token_id,
+                         dtype=torch.long)  # (N, T)
+        for row, rollout in enumerate(rollouts):
+            ids[row, : len(rollout.token_ids)] = torch.tensor(rollout.token_ids, dtype=torch.long)
+        ids, stop_mask = rl.truncate_at_stop(ids, self.stop_token_ids, self.pad_token_id)
+        # The pad id may itself be a stop id (Qwen's <|endoftext|>): keep the length mask too.
+        return ids, stop_mask & (torch.arange(ids.shape[1]) < lengths[:, None])  # (N, T) each
+
+    def score_rollouts(self, batch: list[dict], rollouts: list[Rollout]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
+        is too short) gets ``reward_penalty`` instead, as in MAYE.
+
+        Returns the (N,) scores on the module's device, the reward components by name, and the (N,)
+        bool mask of penalised responses. DAPO's dynamic sampling (``model.dynamic_sampling``)
+        keeps the groups whose scores differ (RolloutCallback calls this before Step III).
+        """
+        samples = [sample for sample in batch for _ in range(self.sampling.n)]  # request-major, like the rollouts
+        scores, components = score_responses(self.rewards, [r.text for r in rollouts], samples)
+        response_ids, response_mask = self.response_tokens(rollouts)
+        penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
+        if self.hparams.reward_penalty is not None:
+            scores = rl.apply_penalty(scores, penalized, self.hparams.reward_penalty)  # (N,)
+        else:
+            penalized = torch.zeros_like(penalized)
+        return scores.to(self.device), components, penalized.to(self.device)
 
     def update_scores_old_policy(self, response_mask: torch.Tensor) -> bool:
         """Whether Step IV's single forward before its single optimizer step can stand in for Step III.2."""

@@ -1,7 +1,8 @@
 """What ReinforcePP and the SFT baseline share: the policy, its optimizer, its evaluation.
 
-``PolicyModule`` owns the arguments both take (the model and what trains of it, ``model.lr`` and
-the ``model.optim`` group, evaluation, the judge), builds the policy (``configure_model``), the
+``PolicyModule`` owns the arguments both take (the model and what trains of it, LoRA adapters
+(``model.lora``), ``model.lr`` and the ``model.optim`` group, evaluation, the judge), builds the
+policy and the KL reference (``configure_model``, ``reference``), the
 AdamW optimizer and its schedule (``configure_optimizers``), the token ids every step needs (pad,
 stop, the vision tokens no engine may sample), and the one clip-and-step helper that ends every
 optimizer step. Both subclasses optimize manually: each zeroes the gradients, backpropagates its
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +30,7 @@ from maye_pl.evaluation import PAPER_EVAL_SETTINGS, EvalSetting
 from maye_pl.evaluation.scheme import PaperEvaluation
 from maye_pl.models.adapters import adapter_for
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
+from maye_pl.models.lora import LoraArgs, adapters_disabled
 from maye_pl.optim import OptimArgs, build_adamw
 from maye_pl.rewards import Judge, judge_problems
 from maye_pl.types import Rollout
@@ -41,6 +44,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
     """Whether ``configure_model`` also builds the frozen reference policy (ReinforcePP: a KL term)."""
     optim: OptimArgs
     """The ``optim`` argument, typed (``_typed_groups``); likewise each dataclass argument of a subclass."""
+    lora: LoraArgs
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
         train_connector: bool = False,
         train_llm: bool = True,
         gradient_checkpointing: bool = False,
+        lora: LoraArgs = LoraArgs(),
         forward_batch_size: int = 16,
         lr: float = 5e-6,
         optim: OptimArgs = OptimArgs(),
@@ -68,6 +73,8 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
             train_connector: Train the vision-language connector (the paper freezes it).
             train_llm: Train the language model and lm_head (the paper trains only these).
             gradient_checkpointing: Recompute decoder activations in the backward pass.
+            lora: LoRA adapters (``r`` > 0) train instead of the parts in ``lora.parts``; the engine
+                gets the merged weights, the KL reference is the policy with its adapters off.
             forward_batch_size: Rows per forward pass (ReinforcePP: the no-grad scoring of old/ref
                 log-probs; SFT: each forward + backward micro-batch).
             lr: AdamW peak learning rate (the rest of the optimizer: ``optim``).
@@ -119,6 +126,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
             problems.append(f"`model.forward_batch_size`={hp.forward_batch_size} must be at least 1.")
         if not hp.lr > 0:
             problems.append(f"`model.lr`={hp.lr} must be positive.")
+        problems += self.lora.problems("model.lora", trained={"llm": hp.train_llm, "vit": hp.train_vit})
         return problems + self.optim.problems("model.optim") + judge_problems(hp.judge, hp.get("rewards"))
 
     def _validate_args(self) -> None:
@@ -129,7 +137,8 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
     # ------------------------------------------------------------------ setup
 
     def configure_model(self) -> None:
-        """Build the policy (and the frozen reference when ``needs_reference``).
+        """Build the policy (and the frozen reference when ``needs_reference``, unless LoRA: then
+        the reference is the policy with its adapters off, see ``reference``).
 
         Under FSDP2Strategy the models are built on the meta device; the strategy shards them and
         loads the checkpoint on rank 0 only, streaming each rank its shards.
@@ -140,9 +149,20 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
         self.policy, self.ref_policy = build_policy_and_reference(
             hp.model_path, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
             train_vit=hp.train_vit, train_connector=hp.train_connector, train_llm=hp.train_llm,
-            gradient_checkpointing=hp.gradient_checkpointing, with_reference=self.needs_reference,
+            gradient_checkpointing=hp.gradient_checkpointing, lora=self.lora,
+            with_reference=self.needs_reference and not self.lora.enabled,
             on_meta=self._trainer is not None and isinstance(self.trainer.strategy, FSDP2Strategy),
         )
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The KL reference to score with (no grad): the frozen copy of the initial policy, or with
+        LoRA the policy itself with its adapters switched off (the base, without a second copy)."""
+        if self.ref_policy is not None:
+            yield self.ref_policy
+        else:
+            with adapters_disabled(self.policy) as base:
+                yield base
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters, its schedule stepped by ``clip_and_step``."""
