@@ -65,9 +65,11 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model (``tiny/``) and 4 training samples (``geo/``: 2 steps of 2 prompts)."""
-    return fit_workdir(tmp_path_factory.mktemp("engine_server"), n_train=4)
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The session's tiny model (``tiny/``) and 4 training samples (``geo/``: 2 steps of 2 prompts)."""
+    root = tmp_path_factory.mktemp("engine_server")
+    (root / "tiny").symlink_to(tiny_model_dir)
+    return fit_workdir(root, n_train=4)
 
 
 @pytest.fixture(scope="module")
