@@ -143,8 +143,8 @@ RUNS = {
     "dr_grpo": (3, 2, 4, 4, False),
     # the learnability check of the family: the letter reward, one minibatch a step (ratio 1: this is
     # about the loss's gradient; its clipping is tests/rl/test_policy_loss.py's)
-    "gspo": (6, 8, 4, 32, True),
-    "cispo": (6, 8, 4, 32, True),
+    "gspo": (5, 4, 4, 16, True),
+    "cispo": (5, 4, 4, 16, True),
 }
 
 
@@ -153,7 +153,7 @@ RUNS = {
 @pytest.mark.parametrize("recipe", sorted(RUNS))
 def test_recipe_runs_demo_steps_through_vllm(recipe, shared_engine, tiny_model_dir, tmp_path):
     """The recipe over configs/demo.yaml, shortened: the engine stays in sync with the trainer after
-    every weight sync (fp32 CPU), and GSPO and CISPO raise the letter reward within 6 steps."""
+    every weight sync (fp32 CPU), and GSPO and CISPO raise the letter reward within 5 steps."""
     steps, prompts, samples, minibatch, learns = RUNS[recipe]
     init = _resolved("demo.yaml", f"recipes/{recipe}.yaml")["model"]["init_args"]
     init["sampling"].update(n=samples, max_tokens=16 if learns else 12)
@@ -173,5 +173,9 @@ def test_recipe_runs_demo_steps_through_vllm(recipe, shared_engine, tiny_model_d
     if learns:
         rewards = [row["reward/letter"] for row in rows]
         print(f"{recipe} reward/letter per generation step: {[round(r, 3) for r in rewards]}")
-        first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
-        assert last > first + 0.08, f"{recipe}: the reward did not rise: {rewards}"
+        # The least-squares line through every step's reward (not two noisy ends) rises by > 0.06
+        # over the run (measured: GSPO 0.106, CISPO 0.117).
+        step = torch.arange(steps, dtype=torch.float64)
+        reward = torch.tensor(rewards, dtype=torch.float64)
+        slope = ((step - step.mean()) * (reward - reward.mean())).sum() / (step - step.mean()).pow(2).sum()
+        assert slope * (steps - 1) > 0.06, f"{recipe}: the reward did not rise: {rewards}"
