@@ -6,9 +6,10 @@ an orphaned rank would exceed them by far), and that the metrics file keeps the 
 
 - Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
   engine starts, naming file:line, with exit status 2 and no traceback.
-- The engine process SIGKILLed mid-step: the trainer stops within 10 s saying the engine died.
-- One of two engines (`rollout.num_engines 2` on 2 ranks) SIGKILLed mid-step: the run stops within
-  15 s with the error naming that engine (`engine 1 of 2 (node 0, rank 1)`), nothing left.
+- An engine process SIGKILLed mid-step, the second of two (`rollout.num_engines 2` on 2 ranks, so
+  its owner is not rank 0): the run stops within 15 s saying that engine died and naming it
+  (`engine 1 of 2 (node 0, rank 1)`), nothing left. (One engine's death in one process is the same
+  path: tests/rollout/test_vllm_engine.py kills an engine mid-transfer.)
 - Ctrl-C twice (SIGINT to the process group, as a terminal sends it) mid-step: the first one
   prints that the run will checkpoint (and reaches no engine process: they ignore SIGINT), the
   second stops it at once: exit status 1 within 15 s, Lightning's graceful shutdown message, no
@@ -105,20 +106,6 @@ def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit,
     finally:
         run.kill()
     return run, code, engines
-
-
-@pytest.mark.vllm
-def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
-    def kill_engine_host(run: RunningFit, engines: list[psutil.Process]) -> None:
-        [host] = [p for p in engines if p.ppid() == run.process.pid]
-        host.kill()
-
-    run, code, engines = _disturbed_mid_step(workdir, "engine_killed", kill_engine_host, timeout_s=10)
-    assert code not in (None, 0), f"the run did not stop within 10 s of its engine's death:\n{run.output[-4000:]}"
-    assert re.search(r"VLLMEngineError: vLLM engine process died during [\w ]+ \(exit code -9\)", run.output), \
-        run.output[-4000:]
-    assert _gone(engines, timeout_s=1)
-    assert _trained_steps(workdir, "engine_killed") == [1]
 
 
 @pytest.mark.vllm

@@ -110,7 +110,8 @@ def test_two_engines_draw_what_one_engine_draws(vllm_engine, rollout_requests):
     get them (requests 0-2 and 3-5, the second call with ``request_offset`` 3). Every sample's seed
     is its global request's, so the tokens are the same; the log-probs differ only by the batch
     composition (vLLM batches 6 or 3 sequences; the CPU kernels' sums change order): measured
-    here, 0 to ~1e-7. Without the offset the second engine would redraw the first one's streams."""
+    here, 0 to ~1e-7. The second 3 requests repeat the first 3 prompts, so without the offset the
+    second engine would redraw the first one's streams (the last assert tells them apart)."""
     requests = rollout_requests * 2  # the same 3 prompts twice: only the seeds tell them apart
     sampling = SamplingConfig(temperature=1.0, max_tokens=16, n=2, seed=3, step=4)
     one = vllm_engine.generate(requests, sampling)
@@ -121,9 +122,7 @@ def test_two_engines_draw_what_one_engine_draws(vllm_engine, rollout_requests):
     diff = max(abs(a - b) for r1, r2 in zip(one, two) for a, b in zip(r1.logprobs, r2.logprobs))
     print(f"max |logprob one engine - two engines| = {diff:.3g}")
     assert diff <= 1e-5
-    assert [r.token_ids for r in one[6:]] != [r.token_ids for r in one[:6]]  # distinct streams ...
-    redrawn = vllm_engine.generate(requests[3:], sampling)  # ... which an offset of 0 would repeat
-    assert [r.token_ids for r in redrawn] == [r.token_ids for r in one[:6]]
+    assert [r.token_ids for r in one[6:]] != [r.token_ids for r in one[:6]]  # same prompts, other seeds
 
 
 def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rollout_requests):
