@@ -1,5 +1,6 @@
 """Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
 
+- ``fit_workdir``: a directory with what ``fit_command`` trains on (the tiny model, a geometry set).
 - ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
   that records each step's prompt ids as the step starts (``PromptIdsRecorder``), with the
   console a user gets (the default progress bar and summary).
@@ -62,6 +63,17 @@ class PromptIdsRecorder(pl.Callback):
                                   dataloader_idx: int = 0) -> None:
         self._append("val_ids", trainer, {"generation_step": pl_module.generation_step,
                                           "ids": [sample["id"] for sample in batch]})
+
+
+def fit_workdir(root: Path, n_train: int) -> Path:
+    """``root`` with the tiny model (``tiny/``) and ``n_train`` training samples (``geo/``: a step
+    takes 2), the files ``fit_command`` points at."""
+    from maye_pl.data import generate_geometry_dataset
+    from maye_pl.models.tiny import ensure_tiny_model
+
+    ensure_tiny_model(root / "tiny")
+    generate_geometry_dataset(root / "geo", n_train=n_train, n_val=0, n_test=0)
+    return root
 
 
 def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:

@@ -24,6 +24,7 @@ from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
 from maye_pl.rollout.placement import engine_devices
+from maye_pl.rollout.remote import check_remote_count, remote_problems
 from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import SyncStats
 from maye_pl.types import SamplingConfig
@@ -37,9 +38,10 @@ class RolloutCallback(pl.Callback):
     Hooks:
         ``setup``: lays out the engine groups (``groups.EngineGroups``: ``num_engines`` contiguous
             rank groups per node); each group's first rank starts its engine (vLLM in its own
-            process on its GPUs after the trainer's, or the CPU; or the HF engine) without waiting
-            for it to load; every rank builds the pipeline, whose weights start stale, so the
-            current (possibly checkpoint-restored) weights reach the engines before the first rollout.
+            process on its GPUs after the trainer's, or the CPU; or the HF engine; or connects to
+            its engine server, ``remote_engines``) without waiting for it to load; every rank
+            builds the pipeline, whose weights start stale, so the current (possibly
+            checkpoint-restored) weights reach the engines before the first rollout.
         ``on_train_batch_start`` (generation step k): ``RolloutPipeline.rollouts_for_step`` (wait,
             sync stale weights, submit and resolve batch k, DAPO's dynamic sampling when the
             module's ``dynamic_sampling`` is enabled (scores by ``score_rollouts``, extra prompts
@@ -87,6 +89,7 @@ class RolloutCallback(pl.Callback):
         max_num_seqs: int = 256,
         engine_kwargs: dict[str, Any] | None = None,
         log_level: str = "warning",
+        remote_engines: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -127,16 +130,25 @@ class RolloutCallback(pl.Callback):
                 they override the engine's own settings.
             log_level: vLLM's log level ("debug", "info", "warning", "error"); "info" shows its
                 config dump and per-step lines.
+            remote_engines: ``["HOST:PORT", ...]`` of engine servers (``python -m maye_pl engine
+                --listen HOST:PORT`` on inference machines) to use instead of local engines, in
+                engine-group order: with N nodes and K = ``num_engines``, it lists N*K servers and
+                node n's K rank groups take entries n*K .. n*K+K-1 (each group's first rank
+                connects to its server). Needs the servers' key in ``MAYE_PL_ENGINE_KEY``;
+                ``device`` and ``allow_shared_device`` are then the servers' business
+                (``--device``), and the model path is read there.
         """
         super().__init__()
         problems = _problems(engine, num_engines, tensor_parallel_size, device, max_staleness, weight_transport, log_level)
         if engine_cores is not None and engine_cores < 1:
             problems.append(f"`rollout.engine_cores`={engine_cores} must be >= 1, or null (half the cores when pipelined).")
+        problems += remote_problems(remote_engines, engine, weight_transport, tensor_parallel_size)
         if problems:
             raise ConfigError(problems[0] if len(problems) == 1 else "Invalid rollout configuration:\n  " + "\n  ".join(problems))
         self.max_staleness = max_staleness
         self.engine_cores = engine_cores
         self._restored_state: dict[str, Any] | None = None
+        self.remote_engines = remote_engines
         self.engine_kind = engine
         self.num_engines = num_engines
         self.tensor_parallel_size = tensor_parallel_size
@@ -174,11 +186,13 @@ class RolloutCallback(pl.Callback):
                 f"module with `peek_train_batch` (MayeDataModule); {type(trainer.datamodule).__name__} has none — "
                 "set `rollout.max_staleness` 0."
             )
+        if self.remote_engines:
+            check_remote_count(self.remote_engines, self.num_engines, trainer.num_nodes)
         comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes, self.num_engines))
         engine_cpu_cores = None
         requested = self.device if isinstance(self.device, list) else [self.device]
         on_cpu = all(d == "cpu" or (d == "auto" and not torch.cuda.is_available()) for d in requested)
-        if self.engine_kind == "vllm" and on_cpu:
+        if self.engine_kind == "vllm" and on_cpu and not self.remote_engines:
             # Both on this CPU: pipelined, they compute at once, each on cores of its own.
             engine_cpu_cores, self._placement_before = place_trainer_beside_cpu_engine(
                 self.engine_cores, self.max_staleness, trainer.local_rank, trainer.num_devices)
@@ -206,15 +220,21 @@ class RolloutCallback(pl.Callback):
             model = load_policy(model_path, dtype=self.dtype).to(pl_module.device).eval()
             return HFEngine(model, pl_module.processor)
         trainer_devices = trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0
-        devices = engine_devices(self.device, num_engines=self.num_engines, tensor_parallel_size=self.tensor_parallel_size,
-                                 trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(),
-                                 allow_shared=self.allow_shared_device)
+        remote = self.remote_engines[comm.group] if self.remote_engines else None
+        if remote is not None:
+            discard_prestarted_host()  # the CLI's local engine host has no use here
+            device = "auto"  # unused: the server's engine runs on the server's --device
+        else:
+            devices = engine_devices(self.device, num_engines=self.num_engines, tensor_parallel_size=self.tensor_parallel_size,
+                                     trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(),
+                                     allow_shared=self.allow_shared_device)
+            device = devices[comm.groups.local_index(comm.group)]
         if cpu_cores:  # the node's engines split the engine share: the j-th engine its j-th slice
             cpu_cores = rank_cores(cpu_cores, comm.groups.local_index(comm.group), self.num_engines)
         return VLLMEngine(
             model_path,
             dtype=self.dtype,
-            device=devices[comm.groups.local_index(comm.group)],
+            device=device,
             tensor_parallel_size=self.tensor_parallel_size,
             trainer_devices=trainer_devices,
             allow_shared=self.allow_shared_device,
@@ -228,6 +248,7 @@ class RolloutCallback(pl.Callback):
             wait=False,
             cpu_cores=cpu_cores,
             name=comm.groups.name(comm.group),
+            remote=remote,
             **self.vllm_options,
         )
 

@@ -151,10 +151,10 @@ class CollectivePusher(WeightPusher):
         if self.group is not None:
             return
         size = 1 + self.workers
-        store = open_store(self.group_timeout_s, size)
-        request_id = self.rpc.send("join_weight_group", (store.port, self.group_timeout_s, self.bucket_bytes, size))
+        store, rendezvous = open_store(*self.rpc.host.weight_group_addresses, self.group_timeout_s, size)
+        request_id = self.rpc.send("join_weight_group", (rendezvous, self.group_timeout_s, self.bucket_bytes, size))
         try:  # the workers join while this process does
-            self.group = join_group(store, TRAINER_RANK, self.device, self.group_timeout_s, size)
+            self.group = join_group(store, rendezvous, TRAINER_RANK, self.device, self.group_timeout_s, size)
         except RuntimeError as error:
             raise self._transfer_failed(error) from error
         self.rpc.wait(request_id, "join_weight_group")

@@ -38,13 +38,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maye_pl.data import generate_geometry_dataset
 from maye_pl.evaluation.metrics_file import read_metrics
-from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from cli_runs import RunningFit, fit_command  # noqa: E402
+from cli_runs import RunningFit, fit_command, fit_workdir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +50,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the tiny model (``tiny/``) and 16 training samples (``geo/``, 8 steps)."""
-    root = tmp_path_factory.mktemp("faults")
-    ensure_tiny_model(root / "tiny")
-    generate_geometry_dataset(root / "geo", n_train=16, n_val=0, n_test=0)
-    return root
+    return fit_workdir(tmp_path_factory.mktemp("faults"), n_train=16)
 
 
 def _trained_steps(workdir: Path, name: str) -> list[int]:
