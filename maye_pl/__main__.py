@@ -4,7 +4,7 @@ import sys
 # Spawned children (the vLLM engine host, the judge worker) import this module as their
 # ``__mp_main__``; everything stays under the guard, so they skip the CLI's imports (~5 s).
 if __name__ == "__main__":
-    from maye_pl.rollout import vllm_engine
+    from maye_pl.rollout import vllm_host
 
     # The process that will own the engine (global rank 0; Lightning re-runs this command for the
     # other local ranks with LOCAL_RANK set) starts an engine host now: vLLM's import then runs
@@ -14,7 +14,7 @@ if __name__ == "__main__":
     wanted = os.environ.get("MAYE_PL_PRESTART_ENGINE", "1") != "0"
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if wanted and owns_engine and command in ("fit", "validate", "test") and not {"-h", "--help"} & set(sys.argv):
-        vllm_engine.prestart_host()
+        vllm_host.prestart_host()
 
     from maye_pl.cli import main
 

@@ -25,6 +25,7 @@ from maye_pl.checkpoints import find_checkpoints, latest_complete_checkpoint
 from maye_pl.console import RunConsoleCallback, configure_console, default_progress_bar
 from maye_pl.data import MayeDataModule
 from maye_pl.demo import DEMO_DATA_DIR, DEMO_MODEL_PATHS, WARM_START_PATH, ensure_demo_assets
+from maye_pl.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError, debug_enabled, find_user_error
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
 from maye_pl.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from maye_pl.rollout.callback import RolloutCallback
@@ -90,6 +91,24 @@ class MayeCLI(LightningCLI):
         # data module's or the model loader's error.
         ensure_demo_assets(config.model.init_args.model_path,
                            (config.data.train_path, config.data.val_path, config.data.test_path))
+
+    def instantiate_classes(self) -> None:
+        """Build the config's objects; a constructor's ValueError or FileNotFoundError is a ConfigError.
+
+        Every constructor validates its arguments (STYLE.md rule 6), so such an error here is a
+        bad config value or a path that is not there. jsonargparse wraps a model constructor's
+        error in its own (a union-type error listing every subtype and the whole namespace): the
+        ConfigError keeps the constructor's message only.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            if isinstance(error, UserError):
+                raise
+            cause = error
+            while isinstance(cause.__cause__, (ValueError, FileNotFoundError)):
+                cause = cause.__cause__
+            raise ConfigError(str(cause)) from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with the console callbacks and ``trainer.strategy`` given as a class path."""
@@ -195,3 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         MayeCLI(args=argv)
     except SIGTERMException:  # PreemptionCheckpoint wrote its checkpoint; Lightning shut everything down
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as error:
+        # A problem the user fixes (maye_pl/errors.py): its message only, no traceback, status 2.
+        # Lightning has run every callback's on_exception (the engine is down) by now.
+        user_error = find_user_error(error)
+        if user_error is None or debug_enabled():
+            raise
+        print(f"{type(user_error).__name__}: {user_error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -56,14 +56,27 @@ def configure_console() -> None:
 
 class _ShortNames:
     """Progress-bar mixin: metrics under PROGRESS_BAR_NAMES, no ``v_num`` (the summary prints the
-    run directory), and ``step s``, the wall time of the last training step in seconds."""
+    run directory), and ``step s``, the wall time of the last training step in seconds.
+
+    A step's clock starts at the previous step's end, or at the start of training, of the epoch or
+    after a validation, whichever came last. ``on_train_start`` matters on a resume: Lightning
+    skips ``on_train_epoch_start`` when it resumes mid-epoch.
+    """
 
     _last_step_end: float | None = None
     _step_seconds: float | None = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step_end = time.perf_counter()
+        super().on_train_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step_end = time.perf_counter()
         super().on_train_epoch_start(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step_end = time.perf_counter()  # validation inside an epoch is not the next step's time
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         now = time.perf_counter()

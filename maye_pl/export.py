@@ -25,9 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, GenerationConfig
 
-from maye_pl.models.loading import DTYPES
+from maye_pl.models.loading import DTYPES, model_class
 from maye_pl.strategies.fsdp2 import HF_PATHS_KEY
-from maye_pl.strategies.loading import model_class
 from maye_pl.strategies.weight_sync import hf_name
 
 # Files save_pretrained writes itself; everything else at the base model's top level is copied.

@@ -40,4 +40,9 @@ def reinforce_pp_problems(hp: Mapping[str, Any]) -> list[str]:
     for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
         if hp[name] < 1:
             problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
+    if hp.max_tokens_per_micro_batch is not None and hp.max_tokens_per_micro_batch < 1:
+        problems.append(
+            f"`model.max_tokens_per_micro_batch`={hp.max_tokens_per_micro_batch} must be a positive token count "
+            "(e.g. 16384), or null for row micro-batches."
+        )
     return problems

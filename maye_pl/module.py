@@ -34,15 +34,15 @@ from maye_pl.evaluation.step_metrics import (
     micro_batch_stats,
     rollout_step_metrics,
 )
-from maye_pl.models.forward import build_policy_inputs, response_logprobs
+from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response_logprobs
 from maye_pl.models.adapters import adapter_for
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
 from maye_pl.rewards import Judge, RewardTerm, default_rewards, judge_problems, resolve_rewards, score_responses
-from maye_pl.rollout.base import Rollout, SamplingConfig
 from maye_pl.rollout.queue import RolloutQueue
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
 from maye_pl.trajectory import Trajectory, engine_logprobs
+from maye_pl.types import Rollout, SamplingConfig
 
 
 class ReinforcePP(PaperEvaluation, pl.LightningModule):
@@ -78,6 +78,8 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         ppo_batch_size: int = 4,
         gradient_accumulation_steps: int = 1,
         forward_batch_size: int = 16,
+        max_tokens_per_micro_batch: int | None = None,
+        dedup_group_prompts: bool = False,
         lr: float = 5e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -127,6 +129,12 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             ppo_batch_size: Rows per minibatch; each minibatch is one optimizer step.
             gradient_accumulation_steps: Micro-batches per minibatch (must divide ppo_batch_size).
             forward_batch_size: Rows per no-grad forward when scoring old/ref log-probs.
+            max_tokens_per_micro_batch: Token budget of each forward pass, padding included: rows are
+                grouped by length into micro-batches of at most this many tokens (no-grad passes and
+                the update; at least ``gradient_accumulation_steps`` per minibatch); None = row
+                micro-batches (``forward_batch_size`` / ``gradient_accumulation_steps``).
+            dedup_group_prompts: Run each prompt and its image once for its G samples (they read
+                its attention state), in the no-grad passes and the update; the same log-probs.
             lr: AdamW peak learning rate.
             weight_decay: AdamW weight decay.
             adam_betas: AdamW betas.
@@ -288,10 +296,16 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
 
     def score(self, model: torch.nn.Module, inputs: Any, *, return_entropy: bool = False) -> Any:
         """Response-token logprobs (N, T) of ``model`` at the sampling temperature."""
-        return response_logprobs(
-            model, inputs, temperature=self.sampling.temperature,
-            forward_batch_size=self.hparams.forward_batch_size, return_entropy=return_entropy,
-            banned_token_ids=self.banned_token_ids, maye_position_ids=self.hparams.maye_position_ids,
+        return response_logprobs(model, inputs, return_entropy=return_entropy, **self.scoring_kwargs())
+
+    def scoring_kwargs(self) -> dict[str, Any]:
+        """How the model scores rows: temperature, micro-batching, the compute switches."""
+        hp = self.hparams
+        return dict(
+            temperature=self.sampling.temperature, forward_batch_size=hp.forward_batch_size,
+            max_tokens_per_micro_batch=hp.max_tokens_per_micro_batch, dedup_group_prompts=hp.dedup_group_prompts,
+            process_group=self.process_group(), banned_token_ids=self.banned_token_ids,
+            maye_position_ids=hp.maye_position_ids,
         )
 
     def corrects_off_policy(self, trajectory: Trajectory) -> bool:
@@ -334,9 +348,12 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         optimizer.zero_grad()
         normalizer = self.loss_normalizer(mb)
         micro_stats, old_parts = [], []
-        for micro_rows in torch.arange(mb.num_rows).chunk(hp.gradient_accumulation_steps):
+        # Micro-batches: gradient_accumulation_steps row chunks, or token budgets (length-grouped);
+        # with dedup_group_prompts the minibatch's prompts run once, here.
+        scorer = ResponseScorer(self.policy, mb.inputs, count=hp.gradient_accumulation_steps, **self.scoring_kwargs())
+        for micro_rows in scorer.micro_batches:
             micro = mb.select(micro_rows)
-            logprobs, entropy = self.score(self.policy, micro.inputs, return_entropy=True)  # (b, T) each
+            logprobs, entropy = scorer.logprobs(micro_rows, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
             weights = behaviour_stats = None
             if micro.behaviour_logprobs is not None:  # the stats are logged also when not applied
@@ -352,6 +369,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
             self.manual_backward(loss)
             micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask, behaviour_stats))
             old_parts.append(old)
+        scorer.backward()  # the shared prompts' backward, once, after every micro-batch's
         max_norm = hp.max_grad_norm if hp.max_grad_norm is not None else float("inf")
         grad_norm = clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], max_norm)
         optimizer.step()
@@ -359,7 +377,7 @@ class ReinforcePP(PaperEvaluation, pl.LightningModule):
         stats = average_stats(micro_stats)
         stats["loss/total"] *= len(micro_stats)  # micro-batch losses add up to the minibatch's
         stats.update({"policy/grad_norm": float(grad_norm), "policy/lr": scheduler.get_last_lr()[0]})
-        return stats, torch.cat(old_parts)
+        return stats, torch.cat(old_parts)[torch.cat(scorer.micro_batches).argsort()]  # rows back in mb order
 
     def loss_normalizer(self, mb: Trajectory) -> float:
         """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the

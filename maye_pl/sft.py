@@ -33,8 +33,8 @@ from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_l
 from maye_pl.models.loading import build_policy_and_reference, load_processor, stop_token_ids
 from maye_pl.optim import build_adamw, optimizer_problems, tokens_per_rank
 from maye_pl.rewards import Judge, judge_problems
-from maye_pl.rollout.base import Rollout
 from maye_pl.strategies import FSDP2Strategy, clip_grad_norm_
+from maye_pl.types import Rollout
 
 
 def solution_nll(logprobs: Tensor, mask: Tensor, normalizer: float) -> Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from maye_pl.models.forward import PolicyInputs, select_rows
-from maye_pl.rollout.base import Rollout
+from maye_pl.types import Rollout
 
 
 @dataclass

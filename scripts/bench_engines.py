@@ -42,9 +42,10 @@ from maye_pl.data.prompts import render_prompt
 from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.loading import load_policy, load_processor
 from maye_pl.models.tiny import ensure_tiny_model
-from maye_pl.rollout.base import RolloutEngine, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 PLACEHOLDER = ADAPTERS["qwen2_5_vl"].image_placeholder  # unused by "cot" prompts (the chat template places it)
 

@@ -92,7 +92,7 @@ def parse_cores(text: str) -> set[int]:
 def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from maye_pl.data import MayeDataModule
     from maye_pl.module import ReinforcePP
-    from maye_pl.rollout.base import SamplingConfig
+    from maye_pl.types import SamplingConfig
     from maye_pl.rollout.callback import RolloutCallback
 
     pl.seed_everything(0)

@@ -175,10 +175,10 @@ def engine_results(
     try:
 
         def set_bucket(nbytes: int) -> None:
-            engine.weight_bucket_bytes = nbytes
+            engine.pusher.bucket_bytes = nbytes  # the transport's group / buffer stay
 
         for transport in WEIGHT_TRANSPORTS:
-            engine.weight_transport = transport
+            engine.set_weight_transport(transport)
             with engine.weight_update():  # the collective group forms once per engine
                 pass
             results += bench_sink("vllm", transport, model, engine.weight_update, buckets_mib,

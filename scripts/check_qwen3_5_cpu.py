@@ -25,8 +25,8 @@ from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import load_policy, load_processor
 from maye_pl.models.tiny import ensure_tiny_model
-from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.vllm_engine import VLLMEngine
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 ADAPTER = ADAPTERS["qwen3_5"]
 SAMPLING = SamplingConfig(temperature=0.7, max_tokens=12, n=2, seed=3)

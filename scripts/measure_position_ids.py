@@ -24,12 +24,12 @@ from PIL import Image
 
 import maye_pl  # noqa: F401  (torchvision shim before transformers and vLLM)
 from maye_pl.data.prompts import render_prompt
-from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.adapters import ModelAdapter, adapter_for
+from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import load_policy, load_processor
 from maye_pl.models.tiny import ensure_tiny_model
-from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 
 def requests(processor, adapter: ModelAdapter) -> list[RolloutRequest]:

@@ -1,8 +1,11 @@
 """Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
 
 - ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
-  that records each step's prompt ids as the step starts (``PromptIdsRecorder``).
-- ``RunningFit``: such a run in the background, in its own session, to signal it mid-step.
+  that records each step's prompt ids as the step starts (``PromptIdsRecorder``), with the
+  console a user gets (the default progress bar and summary).
+- ``RunningFit``: such a run in the background, in its own session, to signal it mid-step or
+  mid-validation; its waits are on events (a step or validation batch started, a line printed),
+  never fixed sleeps, so the time bounds the tests assert start at the event they bound.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
 """
@@ -26,19 +29,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class PromptIdsRecorder(pl.Callback):
-    """Appends each training batch's prompt ids to ``<out_dir>/ids_rank<r>.jsonl`` (one line per step)."""
+    """Appends each training batch's prompt ids to ``<out_dir>/ids_rank<r>.jsonl`` (one line per
+    step) and each validation batch's to ``val_ids_rank<r>.jsonl``, as the batch starts (before the
+    engine generates: the CLI appends its own callbacks after the configured ones)."""
 
     def __init__(self, out_dir: str) -> None:
         """
         Args:
-            out_dir: Directory of the ids file.
+            out_dir: Directory of the ids files.
         """
         self.out_dir = out_dir
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
-        row = {"generation_step": pl_module.generation_step, "ids": [sample["id"] for sample in batch]}
-        with open(os.path.join(self.out_dir, f"ids_rank{trainer.global_rank}.jsonl"), "a") as file:
+    def _append(self, name: str, trainer: pl.Trainer, row: dict) -> None:
+        with open(os.path.join(self.out_dir, f"{name}_rank{trainer.global_rank}.jsonl"), "a") as file:
             file.write(json.dumps(row) + "\n")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
+        self._append("ids", trainer, {"generation_step": pl_module.generation_step,
+                                      "ids": [sample["id"] for sample in batch]})
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._append("val_ids", trainer, {"generation_step": pl_module.generation_step,
+                                          "ids": [sample["id"] for sample in batch]})
 
 
 def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:
@@ -54,7 +67,7 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
         "--data.batch_size", "2", "--model.sampling.n", "2", "--model.sampling.max_tokens", "12",
         "--model.ppo_batch_size", "2", "--model.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
         "--trainer.max_epochs", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", name,
         "--data.token_count_cache", str(tmp_path / "token_counts"),
         "--trainer.callbacks+=cli_runs.PromptIdsRecorder", "--trainer.callbacks.out_dir", str(out),
@@ -105,11 +118,31 @@ class RunningFit:
     def wait_for_step(self, step: int, timeout_s: float = 400) -> None:
         """Return once generation step ``step`` (1-based) has started on rank 0."""
         ids = self.out / "ids_rank0.jsonl"
+        self._wait_until(lambda: ids.exists() and len(ids.read_text().splitlines()) >= step, f"step {step}", timeout_s)
+
+    def wait_for_validation_batch(self, count: int, timeout_s: float = 400) -> None:
+        """Return once the ``count``-th validation batch (1-based, over the whole run) has started on rank 0."""
+        ids = self.out / "val_ids_rank0.jsonl"
+        self._wait_until(lambda: ids.exists() and len(ids.read_text().splitlines()) >= count,
+                         f"validation batch {count}", timeout_s)
+
+    def wait_for_output(self, text: str, timeout_s: float = 400) -> None:
+        """Return once the run has printed ``text``."""
+        self._wait_until(lambda: text in self.output, repr(text), timeout_s)
+
+    def _wait_until(self, happened: Any, what: str, timeout_s: float) -> None:
+        """Poll ``happened()`` until it is true; fail if the run ends first. ``timeout_s`` only
+        guards against a hang: what the tests time is measured from such an event."""
         deadline = time.monotonic() + timeout_s
-        while not (ids.exists() and len(ids.read_text().splitlines()) >= step):
-            assert self.process.poll() is None, f"the run ended before step {step}:\n{self.output[-6000:]}"
-            assert time.monotonic() < deadline, f"the run did not reach step {step} in {timeout_s} s"
+        while not happened():
+            assert self.process.poll() is None, f"the run ended before {what}:\n{self.output[-6000:]}"
+            assert time.monotonic() < deadline, f"the run did not reach {what} in {timeout_s} s"
             time.sleep(0.05)
+
+    def interrupt(self) -> None:
+        """Ctrl-C as a terminal sends it: SIGINT to the run's whole process group (its ranks and
+        its engine processes)."""
+        os.killpg(self.process.pid, signal.SIGINT)
 
     def wait(self, timeout_s: float) -> tuple[int | None, float]:
         """(exit status or None if still running after ``timeout_s``, seconds waited)."""

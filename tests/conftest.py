@@ -54,7 +54,7 @@ def _requests(processor, family: str) -> list:
     from PIL import Image
 
     from maye_pl.data.prompts import render_prompt
-    from maye_pl.rollout.base import RolloutRequest
+    from maye_pl.types import RolloutRequest
 
     placeholder = ADAPTERS[family].image_placeholder
     circle = render_prompt(processor, "<image>What is the area of the circle?", "cot", placeholder)
@@ -77,19 +77,19 @@ def rollout_requests(tiny_processor) -> list:
 @pytest.fixture(autouse=True)
 def warm_engine_host(request: pytest.FixtureRequest):
     """Keep one engine host that has already imported vLLM waiting in this process, as
-    ``python -m maye_pl fit`` does (``vllm_engine.prestart_host``): the next CPU ``VLLMEngine`` a
+    ``python -m maye_pl fit`` does (``vllm_host.prestart_host``): the next CPU ``VLLMEngine`` a
     test starts here (a fixture's, a test's own, an in-process ``Trainer``'s) adopts it, and its
     start costs the model load instead of ~8 s of imports. Started with the first test marked
     ``vllm`` and again after each one (it may have taken the host), so a run without such tests
     (``-m "not vllm"``) imports no vLLM; the last one is stopped at exit."""
-    from maye_pl.rollout import vllm_engine
+    from maye_pl.rollout import vllm_host
 
     uses_vllm = request.node.get_closest_marker("vllm") is not None
     if uses_vllm:
-        vllm_engine.prestart_host()
+        vllm_host.prestart_host()
     yield
     if uses_vllm:
-        vllm_engine.prestart_host()
+        vllm_host.prestart_host()
 
 
 def _start_engine(model_dir: Path):

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from maye_pl.cli import MayeCLI
-from maye_pl.rollout.vllm_engine import HOST_PROCESS_NAME
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

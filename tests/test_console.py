@@ -14,9 +14,10 @@ import pytest
 from maye_pl.cli import MayeCLI, _strategy_from_class_path, main
 from maye_pl.console import ShortNamesTQDMProgressBar
 from maye_pl.demo import DEMO_DATA_DIR
+from maye_pl.errors import ConfigError
 from maye_pl.evaluation.summary import eval_table, run_summary
 from maye_pl.rollout.callback import RolloutCallback
-from maye_pl.rollout.vllm_engine import host_environment
+from maye_pl.rollout.vllm_host import host_environment
 from maye_pl.strategies import FSDP2Strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +196,33 @@ def test_vllm_logs_at_warning_unless_asked():
         "VLLM_LOGGING_LEVEL"] == "INFO"
     with pytest.raises(ValueError, match=r"`rollout.log_level`='loud' must be one of debug, info, warning"):
         RolloutCallback(log_level="loud")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    # A model constructor's error, which jsonargparse wraps in a union-type error and a namespace dump.
+    (["--model.lr", "-1"], "ConfigError: Invalid ReinforcePP configuration:\n  `model.lr`=-1.0 must be positive.\n"),
+    # A forced callback's, raised as it is.
+    (["--rollout.max_staleness", "3"], "ConfigError: `rollout.max_staleness`=3 is not supported; use 0"),
+    # A FileNotFoundError from a constructor.
+    (["--model.model_path", "nowhere"], "ConfigError: nowhere/config.json not found: `model.model_path`='nowhere'"),
+])
+def test_a_config_error_prints_its_message_only(tiny_model_dir, capsys, monkeypatch, flags, message):
+    """A bad config value stops `fit` with its message alone (after Lightning's INFO lines) on
+    stderr and exit status 2; with MAYE_PL_DEBUG=1 the ConfigError propagates (Python prints its
+    traceback) with the constructor's error as its cause."""
+    monkeypatch.setattr("sys.argv", ["maye_pl"])
+    monkeypatch.delenv("MAYE_PL_DEBUG", raising=False)
+    argv = ["fit", "--config", str(REPO / "configs/demo.yaml"), "--demo_assets", "false",
+            "--model.model_path", str(tiny_model_dir), *flags]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    printed = stderr[stderr.index("ConfigError"):]
+    assert printed.startswith(message) and printed.count("\n") == max(message.count("\n"), 1)
+    assert "Traceback" not in stderr and "Namespace(" not in stderr
+
+    if flags[0] == "--model.lr":  # once is enough
+        monkeypatch.setenv("MAYE_PL_DEBUG", "1")
+        with pytest.raises(ConfigError, match=re.escape(message.split(": ", 1)[1].strip())):
+            main(argv)

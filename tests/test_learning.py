@@ -20,8 +20,8 @@ from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
 from maye_pl.module import ReinforcePP
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import SamplingConfig
 from maye_pl.rollout.callback import RolloutCallback
+from maye_pl.types import SamplingConfig
 
 
 def letter_share_reward(responses: list[str], samples: list[dict]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation.step_metrics import log_reflective_sample
 from maye_pl.module import ReinforcePP
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import Rollout, SamplingConfig
+from maye_pl.types import Rollout, SamplingConfig
 
 
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
@@ -24,7 +24,7 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
             str(tiny_model_dir), ppo_batch_size=6, gradient_accumulation_steps=4,
             advantage_estimator="grpo", sampling=SamplingConfig(n=1), loss_agg="sum", ppo_epochs=0,
             adam_eps=0.0, warmup_steps=5, warmup_ratio=0.1, judge="maye",
-            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")],
+            rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")], max_tokens_per_micro_batch=0,
         )
     message = str(info.value)
     for expected in (
@@ -35,6 +35,7 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         "`model.adam_eps`=0.0 must be positive",
         "`model.warmup_steps`=5 and `model.warmup_ratio`=0.1 are both set",
         "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward' judges with another judge than `model.judge`='maye'",
+        "`model.max_tokens_per_micro_batch`=0 must be a positive token count",
     ):
         assert expected in message
 

@@ -18,7 +18,7 @@ import yaml
 from maye_pl.cli import MayeCLI
 from maye_pl.module import ReinforcePP
 from maye_pl.rewards import RewardTerm
-from maye_pl.rollout.base import SamplingConfig
+from maye_pl.types import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

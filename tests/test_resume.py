@@ -1,17 +1,21 @@
 """Resuming from a checkpoint continues the run exactly, and a crash mid-save never costs the last one.
 
 `test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI three
-times in fresh processes, in one process (a single .ckpt file; synchronous, and pipelined:
-`rollout.max_staleness 1`, the rollouts of the batch in flight at the checkpoint are saved with it)
-and pipelined on 2 FSDP2 ranks over gloo (a sharded DCP checkpoint, each rank's sampler position
-restored), each with a fresh module,
-trainer, data module and engine: an uninterrupted `fit` of 4 generation steps (one epoch of 4 batches, two
-optimizer steps each, so the minibatch shuffle matters); the same `fit` sent SIGTERM while step 2
-runs, which must finish that step, checkpoint it (PreemptionCheckpoint: trainer.save_checkpoint at
-the step boundary, like ModelCheckpoint), leave no engine process and exit 143 within 15 s saying
-where the checkpoint is; and a `fit --ckpt_path last`, which must pick that checkpoint over a newer
-one cut short by a crash. Steps 1-2 of the preempted run and 3-4 of the resumed one must log the
-same metrics (loss, rewards, KL, grad norm, engine mismatch, ...; max abs
+times in fresh processes, with the default console (progress bar, summary), in three layouts: one
+process (a single .ckpt file) synchronous and validating every 2 generation steps; one process
+pipelined (`rollout.max_staleness 1`: the rollouts of the batch in flight at the checkpoint are
+saved with it); pipelined on 2 FSDP2 ranks over gloo (a sharded DCP checkpoint, each rank's sampler
+position restored). Each run has a fresh module, trainer, data module and engine: an uninterrupted
+`fit` of 4 generation steps (one epoch of 4 batches, two optimizer steps each, so the minibatch
+shuffle matters); the same `fit` stopped in step 2 (SIGTERM; Ctrl-C to the process group in the
+pipelined one-process layout), which must finish that step and checkpoint it
+(PreemptionCheckpoint: trainer.save_checkpoint at the step boundary, like ModelCheckpoint), or
+sent SIGTERM during the validation after step 2 (validating layout), which must checkpoint at
+once, leaving the validation to the resumed run; either way it must say where the checkpoint is,
+exit 143 within 15 s of saying so, and leave no engine process; and a `fit --ckpt_path last`, which
+must pick that checkpoint over a newer one cut short by a crash. Steps 1-2 of the preempted run and
+3-4 of the resumed one (and the resumed run's validations, the cut one run again) must log the
+same metrics (loss, rewards, KL, grad norm, engine mismatch, pass@k, ...; max abs
 difference <= 1e-6, observed 0 on CPU fp32) and train on the same prompts: the data order resumes
 mid-epoch, generation_step (sampling seeds) and the optimizer/scheduler state come back, and the
 engine generates step 3 from the restored weights, not from the model directory it started with
@@ -85,30 +89,51 @@ def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def _preempt(tmp_path: Path, name: str, *extra: str) -> tuple[Path, str]:
-    """A `fit` sent SIGTERM as its generation step RESUME_AFTER starts; it must exit with status 143
-    within 15 s. Returns its output directory and what it printed."""
+def _preempt(tmp_path: Path, name: str, how: str, *extra: str) -> tuple[Path, str]:
+    """A `fit` stopped mid-step RESUME_AFTER (``how`` = "SIGTERM", or "Ctrl-C" to its process group
+    as a terminal sends it) or during the validation after it ("SIGTERM in validation"). It must
+    print where its checkpoint is, then exit with status 143 within 15 s of that line, leaving no
+    engine process. Returns its output directory and what it printed."""
     run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path)
     try:
-        run.wait_for_step(RESUME_AFTER)
+        if how == "SIGTERM in validation":
+            run.wait_for_validation_batch(1)
+        else:
+            run.wait_for_step(RESUME_AFTER)
         engines = run.engines()
-        run.process.send_signal(signal.SIGTERM)
+        run.interrupt() if how == "Ctrl-C" else run.process.send_signal(signal.SIGTERM)
+        run.wait_for_output("Preempted by ")  # the step (or validation batch) ended, the checkpoint is written
         code, exit_s = run.wait(timeout_s=60)
     finally:
         run.kill()
     assert code == PREEMPTED_EXIT_CODE, f"{name} exited {code}:\n{run.output[-6000:]}"
-    assert exit_s <= 15, f"{name} took {exit_s:.1f} s to stop after SIGTERM"
+    assert exit_s <= 15, f"{name} took {exit_s:.1f} s to stop after its checkpoint"
     assert engines and psutil.wait_procs(engines, timeout=1)[1] == [], "an engine process outlived the preempted run"
     return run.out, run.output
 
 
-def _step_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
-    """Training-step rows of metrics.jsonl by generation step, without the wall-clock perf/ metrics."""
+def _rows(tmp_path: Path, name: str, key: str, index: str) -> dict[int, dict[str, float]]:
+    """Rows of metrics.jsonl holding ``key``, by their ``index`` value, without the wall-clock
+    perf/ metrics."""
     rows = [json.loads(line) for line in (tmp_path / "runs/demo" / name / "metrics.jsonl").read_text().splitlines()]
-    return {
-        int(row["generation_step"]): {k: v for k, v in row.items() if not k.startswith("perf/")}
-        for row in rows if "loss/total" in row
-    }
+    return {int(row[index]): {k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows if key in row}
+
+
+def _step_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
+    """Training-step rows of metrics.jsonl by generation step."""
+    return _rows(tmp_path, name, "loss/total", "generation_step")
+
+
+def _val_rows(tmp_path: Path, name: str) -> dict[int, dict[str, float]]:
+    """Validation rows of metrics.jsonl by (optimizer) step."""
+    return _rows(tmp_path, name, "val/pass@1_t0.01", "step")
+
+
+def _assert_same_rows(rows: dict[int, dict[str, float]], reference: dict[int, dict[str, float]]) -> None:
+    for step, row in rows.items():
+        assert row.keys() == reference[step].keys()
+        diff = {k: abs(v - reference[step][k]) for k, v in row.items()}
+        assert max(diff.values()) <= 1e-6, (step, {k: d for k, d in diff.items() if d > 1e-6})
 
 
 def _ids(out: Path) -> dict[int, list[str]]:
@@ -121,36 +146,44 @@ def _ids(out: Path) -> dict[int, list[str]]:
     return ids
 
 
+# One layout validates every RESUME_AFTER generation steps (2 prompts, one per batch: the SIGTERM
+# lands in the first batch's generation) and is stopped during the validation after step 2.
+VALIDATING = ["--data.val_path", "geo/validation.jsonl", "--trainer.limit_val_batches", "1.0",
+              "--trainer.val_check_interval", str(RESUME_AFTER), "--data.eval_batch_size", "1"]
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize(
-    "layout",
+    ("layout", "how"),
     [
-        [],
+        (VALIDATING, "SIGTERM in validation"),
         # Pipelined: batch k+1 is in flight at the checkpoint (sampled by weights it does not hold),
         # saved in the single checkpoint file here, in the sharded directory below.
-        ["--rollout.max_staleness", "1"],
+        (["--rollout.max_staleness", "1"], "Ctrl-C"),
         # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
         # (The synchronous 2-rank layout passes too; left out for the suite's time.)
-        ["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-         "--data.batch_size", "1", "--model.ppo_batch_size", "1"],
+        (["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+          "--data.batch_size", "1", "--model.ppo_batch_size", "1"], "SIGTERM"),
     ],
-    ids=["one-process", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
+    ids=["one-process-validating", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
 )
-def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
+def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
     ensure_tiny_model(tmp_path / "tiny")
-    generate_geometry_dataset(tmp_path / "geo", n_train=2 * STEPS, n_val=0, n_test=0)
+    generate_geometry_dataset(tmp_path / "geo", n_train=2 * STEPS, n_val=2, n_test=0)
     full = _fit(tmp_path, "full", *layout)
     step = RESUME_AFTER * OPTIMIZER_STEPS_PER_GENERATION
     assert (full / "checkpoints" / f"epoch=0-step={step}.ckpt").is_dir() == ("fsdp2" in layout)  # sharded DCP
 
-    # SIGTERM mid-step RESUME_AFTER: that step finishes, is checkpointed (every rank at the same step)
-    # and logged, the engine is shut down, the run exits 143 saying where its checkpoint is.
+    # Stopped mid-step RESUME_AFTER: that step finishes; or during the validation after it: that
+    # validation is cut. Either way the checkpoint holds step RESUME_AFTER (every rank at the same
+    # step), the step's row is logged, the engine is shut down, the run exits 143 saying where.
     preempt_dir = tmp_path / "preempted_checkpoints"
-    preempted, output = _preempt(tmp_path, "preempted", *layout, "--preemption.dirpath", str(preempt_dir))
+    preempted, output = _preempt(tmp_path, "preempted", how, *layout, "--preemption.dirpath", str(preempt_dir))
     checkpoint = preempt_dir / f"preempted-epoch=0-step={step}.ckpt"
     assert checkpoint.is_dir() == ("fsdp2" in layout)
-    assert f"Preempted by SIGTERM at epoch 0, step {step}: checkpoint {checkpoint}" in output
+    signal_name, during = ("SIGINT", "") if how == "Ctrl-C" else ("SIGTERM", ", during its validation" * (layout == VALIDATING))
+    assert f"Preempted by {signal_name} at epoch 0, step {step}{during}: checkpoint {checkpoint}" in output
     assert _step_rows(tmp_path, "preempted").keys() == set(range(1, RESUME_AFTER + 1))  # its rows are on disk
 
     # A newer checkpoint cut short by a crash mid-save must not be picked by `--ckpt_path last`.
@@ -165,10 +198,14 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout):
     full_rows, resumed_rows = _step_rows(tmp_path, "full"), _step_rows(tmp_path, "resumed")
     assert sorted(full_rows) == list(range(1, STEPS + 1))
     assert sorted(resumed_rows) == list(range(RESUME_AFTER + 1, STEPS + 1))  # it trained only the rest
-    for step, row in [*resumed_rows.items(), *_step_rows(tmp_path, "preempted").items()]:
-        assert row.keys() == full_rows[step].keys()
-        diff = {k: abs(v - full_rows[step][k]) for k, v in row.items()}
-        assert max(diff.values()) <= 1e-6, (step, {k: d for k, d in diff.items() if d > 1e-6})
+    _assert_same_rows(resumed_rows, full_rows)
+    _assert_same_rows(_step_rows(tmp_path, "preempted"), full_rows)
+    if layout == VALIDATING:
+        # The cut validation ran again in full on resume, from the restored weights: the same rows.
+        full_val, resumed_val = _val_rows(tmp_path, "full"), _val_rows(tmp_path, "resumed")
+        assert sorted(full_val) == sorted(resumed_val) == [step, STEPS * OPTIMIZER_STEPS_PER_GENERATION]
+        assert _val_rows(tmp_path, "preempted") == {}
+        _assert_same_rows(resumed_val, full_val)
     first = resumed_rows[RESUME_AFTER + 1]
     assert first["step"] == (RESUME_AFTER + 1) * OPTIMIZER_STEPS_PER_GENERATION
     if "--rollout.max_staleness" not in layout:

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from maye_pl.cli import main as maye_pl_main
-from maye_pl.rollout.vllm_engine import HOST_PROCESS_NAME
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.sft import SFT
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from maye_pl.data.jsonl import DatasetError, Sample, load_splits
 from maye_pl.data.lengths import (cached_prompt_token_counts, default_cache_dir, drop_overlong_prompts,
                                   overlong_prompts)
 from maye_pl.data.prompts import PROMPT_STYLES, render_prompt
+from maye_pl.errors import ConfigError
 from maye_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from maye_pl.models.adapters import adapter_for
 
@@ -70,11 +71,11 @@ class PromptCollator:
             if count != 1:
                 fix = ("remove that token from the question text" if count > 1 else
                        "use a processor whose chat template renders {'type': 'image'} parts")
-                raise ValueError(
+                raise DatasetError([
                     f"{item['source']}: question: the {self.prompt_style!r} prompt holds {count}"
                     f" image placeholders ({self.processor.image_token!r}) but the sample has 1"
                     f" image — {fix}"
-                )
+                ])
             batch.append({**item, "prompt": prompt})
         return batch
 
@@ -193,7 +194,7 @@ class MayeDataModule(L.LightningDataModule):
         if self.datasets is not None:
             return
         if not self.processor_path.is_dir():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"`data.processor_path`={str(self.processor_path)!r} is not a directory; point it"
                 " at the model directory holding the processor files"
             )
@@ -259,7 +260,7 @@ class MayeDataModule(L.LightningDataModule):
         sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank,
                                    seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         if len(sampler) < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"`data.batch_size`={self.batch_size} exceeds the {len(sampler)} training samples per"
                 f" rank ({len(dataset)} in {self.paths['train']} over {world_size} rank(s)), so an"
                 " epoch has no full batch; lower the batch size or add samples"

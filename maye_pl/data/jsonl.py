@@ -25,6 +25,8 @@ from typing import Any
 
 from PIL import Image
 
+from maye_pl.errors import UserError
+
 IMAGE_PLACEHOLDER = "<image>"
 """Marks where the figure goes in a MAYE question; removed from the text the model sees."""
 
@@ -32,7 +34,7 @@ REQUIRED_FIELDS = ("id", "question", "answer", "solution", "image")
 """Keys every line must carry, each a non-empty string."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Every problem found in one or more splits, one ``path:line: field: problem — fix`` each."""
 
     def __init__(self, problems: list[str]):

@@ -6,7 +6,7 @@ penalty then punishes for the prompt's sake); it finds out only when that prompt
 possibly hours into a run. So the limit is max_model_len minus the max new tokens, and the data
 module tokenizes every prompt of every split once, in ``setup()``, exactly as the engine sees it: the prompt text from ``PromptCollator`` (chat template, one image
 placeholder) and the processor's own expansion of that placeholder into the image's vision tokens
-(``models.forward._encode_prompt``, the call the trainer makes). Over-long prompts are then either
+(``models.policy_inputs.encode_prompt``, the call the trainer makes). Over-long prompts are then either
 reported all together, each as ``path:line``, or dropped (``data.drop_overlong``).
 
 Token counts are cached as JSON under ``cache_dir``, one file per (split file contents, image
@@ -24,8 +24,8 @@ from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from maye_pl.models.forward import _encode_prompt
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.models.policy_inputs import encode_prompt
+from maye_pl.types import RolloutRequest
 
 CACHE_FORMAT = 1
 """Bumped when the counting itself changes, so old cache files are never read."""
@@ -61,7 +61,7 @@ def prompt_token_counts(dataset: Any, collate: Any) -> list[int]:
     counts = []
     for index in range(len(dataset)):
         [item] = collate([dataset[index]])
-        encoded = _encode_prompt(collate.processor, RolloutRequest(item["prompt"], [item["image"]]))
+        encoded = encode_prompt(collate.processor, RolloutRequest(item["prompt"], [item["image"]]))
         counts.append(int(encoded["input_ids"].shape[1]))
     return counts
 

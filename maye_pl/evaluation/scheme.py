@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from maye_pl.evaluation.passk import EvalSetting, metric_name, pass_at_k
 from maye_pl.rewards import Judge, judge_responses
-from maye_pl.rollout.base import Rollout, RolloutRequest
+from maye_pl.types import Rollout, RolloutRequest
 
 
 def prediction_rows(

@@ -18,8 +18,8 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from maye_pl import rl
 from maye_pl.evaluation.names import REFLECTION_PREFIX
 from maye_pl.evaluation.reflection import ratios_from_counts, reflection_counts
-from maye_pl.rollout.base import Rollout
 from maye_pl.trajectory import Trajectory
+from maye_pl.types import Rollout
 
 REFLECTIVE_SAMPLE_KEY = "samples/reflective_correct"
 

@@ -1,8 +1,16 @@
-"""Policy models: one adapter per family, the tiny random builds, loading and freezing, the trainer forward."""
+"""Policy models: one adapter per family, the tiny random builds, loading (also on the meta device) and freezing, the trainer forward."""
 
 from maye_pl.models.adapters import ADAPTERS, ModelAdapter, adapter_for
 from maye_pl.models.forward import PolicyInputs, build_policy_inputs, response_logprobs, select_rows
-from maye_pl.models.loading import freeze_modules, load_policy, load_processor, stop_token_ids
+from maye_pl.models.loading import (
+    freeze_modules,
+    has_meta_tensors,
+    init_empty_pretrained,
+    load_policy,
+    load_pretrained_weights,
+    load_processor,
+    stop_token_ids,
+)
 from maye_pl.models.tiny import build_tiny_model, ensure_tiny_model
 
 __all__ = [
@@ -14,7 +22,10 @@ __all__ = [
     "build_tiny_model",
     "ensure_tiny_model",
     "freeze_modules",
+    "has_meta_tensors",
+    "init_empty_pretrained",
     "load_policy",
+    "load_pretrained_weights",
     "load_processor",
     "response_logprobs",
     "select_rows",

@@ -1,12 +1,13 @@
-"""Rollout: the engine contract, the vLLM and HF engines, and where the engine runs.
-
-The callback that owns the engine during training lives in ``maye_pl.rollout.callback``.
+"""Rollout: the engine contract, the vLLM and HF engines, where engines run, and the pipeline
+that feeds the trainer (``maye_pl.rollout.pipeline``; the Lightning callback around it is
+``maye_pl.rollout.callback``).
 """
 
-from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
+from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.placement import choose_engine_device, engine_environment
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
+from maye_pl.types import Rollout, RolloutRequest, SamplingConfig
 
 __all__ = [
     "HFEngine",

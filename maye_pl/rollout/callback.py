@@ -1,56 +1,58 @@
-"""RolloutCallback: owns the generation engine and keeps it in step with the policy.
+"""RolloutCallback: owns the generation engines and drives the rollout pipeline from Lightning's hooks.
 
 Lightning means callbacks for optional logic; this one is essential (no rollouts, no training), so
-the CLI registers it as a forced callback and its contract is spelled out here.
+the CLI registers it as a forced callback and its contract is spelled out here. The work itself
+(submit ahead, resolve, gather/scatter per engine group, weight syncs, saved state) is
+``maye_pl.rollout.pipeline.RolloutPipeline``'s; this file starts and stops engines and maps hooks
+onto pipeline calls.
 """
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
-from itertools import accumulate
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
-from maye_pl.rollout.base import Rollout, RolloutEngine, RolloutRequest, SamplingConfig
-from maye_pl.rollout.queue import RolloutQueue, Submission
+from maye_pl.rollout.base import RolloutEngine
+from maye_pl.rollout.group_comm import GroupComm
+from maye_pl.rollout.groups import EngineGroups
+from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
 from maye_pl.rollout.weight_transport import check_transport
-from maye_pl.strategies.weight_sync import WeightSyncPlan, sync_weights
+from maye_pl.strategies.weight_sync import SyncStats
+from maye_pl.types import SamplingConfig
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class RolloutCallback(pl.Callback):
-    """Generates rollouts on global rank 0 and streams fresh weights into the engine.
+    """Owns the rollout engine and feeds the module rollouts through a ``RolloutPipeline``.
 
     Hooks:
-        ``setup``: global rank 0 starts the engine (vLLM in its own process on the first GPU the
-            trainer does not use, or the CPU; or the HF engine) without waiting for it to load,
-            and marks its weights stale, so the current (possibly checkpoint-restored) weights
-            reach it before the first rollout.
-        ``on_train_batch_start`` (generation step k): syncs stale weights, then makes sure the
-            rollouts of batches k .. k+``max_staleness`` are submitted (every rank sends its
-            prompts to rank 0, which queues them all in one engine call; later batches come from
-            the data module's ``peek_train_batch``), then waits for batch k's and sends each rank
-            its own. Skipped when the module's ``sampling`` is None (the SFT baseline).
+        ``setup``: lays out the engine groups (``groups.EngineGroups``); each group's owner starts
+            its engine (vLLM in its own process on the first GPU the trainer does not use, or the
+            CPU; or the HF engine) without waiting for it to load; every rank builds the pipeline,
+            whose weights start stale, so the current (possibly checkpoint-restored) weights reach
+            the engines before the first rollout.
+        ``on_train_batch_start`` (generation step k): ``RolloutPipeline.rollouts_for_step`` (wait,
+            sync stale weights, submit batches k .. k+``max_staleness``, resolve batch k; later
+            batches come from the data module's ``peek_train_batch``); logs its ``perf/``
+            metrics. Skipped when the module's ``sampling`` is None (the SFT baseline).
         ``on_train_batch_end``: marks the weights stale (the optimizer stepped).
-        ``on_validation_batch_start`` / ``on_test_batch_start``: one engine call per eval setting.
+        ``on_validation_batch_start`` / ``on_test_batch_start``: syncs stale weights, then one
+            pipeline call per eval setting. For Reinforce++ a sync follows every training batch;
+            for SFT, it precedes each validation.
         ``teardown`` / ``on_exception``: shuts the engine down (no orphan processes).
-        Before any new generation with stale weights, all ranks gather the policy bucket by bucket
-        and rank 0 pushes each bucket into the engine (frozen parameters only on the first sync).
-        For Reinforce++ that is after every training batch; for SFT, before each validation.
 
     Reads on the module: ``requests(batch)``, ``sampling`` (SamplingConfig or None),
     ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``. Writes on the module:
     ``rollout_queue`` (this callback's ``RolloutQueue``: the module takes batch k's N = B*G
     rollouts from it, request-major) and ``eval_rollouts`` (setting name → B*k rollouts).
 
-    Saved state: the rollouts submitted ahead that no step has trained on yet (``RolloutQueue``),
-    so that a resumed run trains on what the uninterrupted run would have. Sampling seeds derive
+    Saved state: the rollouts submitted ahead that no step has trained on yet
+    (``RolloutPipeline.state_dict``), so that a resumed run trains on what the uninterrupted run
+    would have. Sampling seeds derive
     from ``seed`` and the generation step (saved in the checkpoint by the module).
     """
 
@@ -114,8 +116,7 @@ class RolloutCallback(pl.Callback):
                 "(generate the next batch during the update)."
             )
         self.max_staleness = max_staleness
-        self.queue = RolloutQueue()
-        self._restored_queue_state: dict[str, Any] | None = None
+        self._restored_state: dict[str, Any] | None = None
         if log_level.upper() not in _LOG_LEVELS:
             raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
         self.engine_kind = engine
@@ -133,18 +134,18 @@ class RolloutCallback(pl.Callback):
         self.vllm_options = {"startup_timeout_s": startup_timeout_s, "max_num_seqs": max_num_seqs,
                              "llm_kwargs": engine_kwargs, "log_level": log_level}
         self.engine: RolloutEngine | None = None
+        """This rank's engine (on an engine group's owner, while running)."""
+        self.pipeline: RolloutPipeline | None = None
+        """On every rank while the engines run (from ``setup`` to the shutdown)."""
         self.keep_engine_after_validate = False
-        self._sync_plan = WeightSyncPlan()
-        self._weights_stale = False
-        self._engine_running = False
 
     # ------------------------------------------------------------------ engine lifetime
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.rollout_queue = self.queue
-        # The module's weights may be restored from a checkpoint after setup: sync before generating.
-        self._weights_stale = True
-        if self._engine_running:  # kept alive from the validation before fit
+        if self.pipeline is not None:  # kept alive from the validation before fit
+            # The module's weights may be restored from a checkpoint after setup: sync before generating.
+            self.pipeline.weights_stale = True
+            pl_module.rollout_queue = self.pipeline.queue
             return
         if stage == "fit" and self.max_staleness and not hasattr(trainer.datamodule, "peek_train_batch"):
             raise ValueError(
@@ -152,17 +153,19 @@ class RolloutCallback(pl.Callback):
                 f"module with `peek_train_batch` (MayeDataModule); {type(trainer.datamodule).__name__} has none — "
                 "set `rollout.max_staleness` 0."
             )
-        self._engine_running = True  # on every rank: the sync plan must agree across ranks
-        self._sync_plan = WeightSyncPlan()
-        self.queue.clear()
-        if trainer.is_global_zero:
+        comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes))
+        if comm.is_owner:
             # vLLM loads in its own process while the trainer builds its model (configure_model
             # runs after this hook); its first operation waits for it.
-            self.engine = self._start_engine(trainer, pl_module)
+            self.engine = self._start_engine(trainer, pl_module, comm)
+        self.pipeline = RolloutPipeline(self.engine, comm, seed=self.seed, max_staleness=self.max_staleness,
+                                        bucket_bytes=self.bucket_bytes)
+        pl_module.rollout_queue = self.pipeline.queue
 
-    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> RolloutEngine:
+    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm: GroupComm) -> RolloutEngine:
         model_path = self.model_path or pl_module.hparams.model_path
-        from maye_pl.rollout.vllm_engine import VLLMEngine, discard_prestarted_host
+        from maye_pl.rollout.vllm_engine import VLLMEngine
+        from maye_pl.rollout.vllm_host import discard_prestarted_host
 
         if self.engine_kind == "hf":
             from maye_pl.models.loading import load_policy
@@ -185,23 +188,19 @@ class RolloutCallback(pl.Callback):
             weight_bucket_bytes=self.bucket_bytes,
             weight_transport=self.weight_transport,
             wait=False,
+            name=comm.groups.name(comm.group),
             **self.vllm_options,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback states after setup, and after on_fit_start under strategies
         # that restore after their own setup (FSDP2): a checkpoint's submitted batches land here.
-        state, self._restored_queue_state = self._restored_queue_state, None
-        if state is None:
-            return
-        self.queue.load_state_dict(state, is_global_zero=trainer.is_global_zero)
-        world = dist.get_world_size() if _distributed() else 1
-        if any(len(submission.prompt_ids) != world for submission in self.queue.submitted.values()):
+        state, self._restored_state = self._restored_state, None
+        if state is not None and not self.pipeline.load_state_dict(state):
             rank_zero_warn(
                 f"RolloutCallback: the checkpoint holds rollouts generated ahead for another number of ranks "
-                f"than {world}; they are generated again (this resume is not exact)."
+                f"than {trainer.world_size}; they are generated again (this resume is not exact)."
             )
-            self.queue.clear()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "validate" and self.keep_engine_after_validate:
@@ -212,52 +211,38 @@ class RolloutCallback(pl.Callback):
         self.shutdown()
 
     def shutdown(self) -> None:
-        self._engine_running = False
-        self.queue.clear()
+        if self.pipeline is not None:
+            self.pipeline.queue.clear()
+            self.pipeline = None
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.pipeline.state_dict() if self.pipeline is not None else {"submitted": {}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_state = state_dict
 
     # ------------------------------------------------------------------ training
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict], batch_idx: int) -> None:
         if pl_module.sampling is None:
             return
-        step = pl_module.generation_step
-        # What the engine still generates (batch k, submitted a step ago) keeps its older weights:
-        # the update below runs after it. Waiting for it first times the wait and the sync apart.
-        start = time.perf_counter()
-        for submission in self.queue.submitted.values():
-            if submission.handle is not None:
-                submission.handle.result()
-        wait = time.perf_counter() - start
-        # The engine gets the newest weights before anything new is submitted.
-        self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
-        for ahead in range(self.max_staleness + 1):
-            if step + ahead in self.queue.submitted:  # submitted during an earlier step, or restored
-                continue
-            prompts = batch if ahead == 0 else self._peek(trainer, batch_idx, ahead)
-            if prompts is None:  # the run ends before that batch
-                break
-            self._submit(trainer, pl_module, step + ahead, prompts)
-        start = time.perf_counter()
-        rollouts, engine_seconds = self._resolve(trainer, pl_module, step, batch)
-        wait += time.perf_counter() - start
-        self.queue.put_ready(step, rollouts)
-        tokens = sum(len(r.token_ids) for r in rollouts)
-        perf = {"perf/rollout_wait_s": wait}
-        if engine_seconds:  # unknown for rollouts restored from a checkpoint written before this was saved
-            perf |= {"perf/generate_s": engine_seconds, "perf/generate_tokens_per_s": tokens / engine_seconds}
-        pl_module.log_dict(perf, batch_size=len(batch))
+        step = self.pipeline.rollouts_for_step(
+            pl_module.policy,
+            pl_module.generation_step,
+            batch,
+            make_requests=pl_module.requests,
+            sampling=pl_module.sampling,
+            policy_version=trainer.global_step,
+            peek=lambda ahead: self._peek(trainer, batch_idx, ahead),
+        )
+        self._log_sync(trainer, pl_module, step.sync, batch_size=len(batch))
+        pl_module.log_dict(_perf_metrics(step), batch_size=len(batch))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._weights_stale = True
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.queue.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored_queue_state = state_dict
+        self.pipeline.weights_stale = True
 
     def _peek(self, trainer: pl.Trainer, batch_idx: int, ahead: int) -> list[dict] | None:
         """The training batch ``ahead`` batches after the current one, from the data module."""
@@ -266,61 +251,12 @@ class RolloutCallback(pl.Callback):
             ahead, batches_left_in_epoch=int(trainer.num_training_batches) - batch_idx - 1, next_epoch=more_epochs
         )
 
-    def _training_sampling(self, pl_module: Any, generation_step: int) -> SamplingConfig:
-        return SamplingConfig(**{**pl_module.sampling.__dict__, "seed": self.seed, "step": generation_step})
-
-    def _submit(self, trainer: pl.Trainer, pl_module: Any, generation_step: int, prompts: list[dict]) -> None:
-        """Every rank sends its prompts to rank 0, which queues them all in the engine at once."""
-        requests = pl_module.requests(prompts)
-        ids = [sample["id"] for sample in prompts]
-        prompt_ids = [ids]
-        if _distributed():
-            prompt_ids = [None] * dist.get_world_size()
-            dist.all_gather_object(prompt_ids, ids)
-        gathered = _gather_to_rank_zero(requests)
-        handle = None
-        if trainer.is_global_zero:
-            handle = self.engine.submit(
-                [request for rank_requests in gathered for request in rank_requests],
-                self._training_sampling(pl_module, generation_step),
-                policy_version=trainer.global_step,
-            )
-        self.queue.submitted[generation_step] = Submission(prompt_ids, handle)
-
-    def _resolve(self, trainer: pl.Trainer, pl_module: Any, generation_step: int, batch: list[dict]) -> tuple[list[Rollout], float]:
-        """Rank 0 waits for the step's rollouts and sends each rank its own; (rollouts, engine seconds)."""
-        submission = self.queue.submitted[generation_step]
-        rank = dist.get_rank() if _distributed() else 0
-        if submission.prompt_ids[rank] != [sample["id"] for sample in batch]:
-            raise RuntimeError(
-                f"RolloutCallback: the rollouts submitted ahead for generation step {generation_step} are for "
-                f"prompts {submission.prompt_ids[rank][:4]}..., but the batch trained on holds "
-                f"{[sample['id'] for sample in batch][:4]}...; the data module's peek_train_batch must return "
-                "what the training loader yields next (or set `rollout.max_staleness` 0)."
-            )
-        per_rank: list[Any] | None = None
-        if trainer.is_global_zero:
-            rollouts = submission.handle.result()  # the engine's seconds are known once resolved
-            parts = _split_by_rank(rollouts, [len(ids) for ids in submission.prompt_ids], pl_module.sampling.n)
-            per_rank = [(part, submission.handle.engine_seconds) for part in parts]
-        if not _distributed():
-            return per_rank[0]
-        received: list[Any] = [None]
-        dist.scatter_object_list(received, per_rank, src=0)
-        return received[0]
-
-    def _sync_if_stale(self, trainer: pl.Trainer, pl_module: Any, batch_size: int) -> None:
-        """All ranks gather the policy; rank 0 streams it into the engine, one bucket at a time, in
-        one engine transaction (one finalize and cache reset per sync, not per bucket)."""
-        if not self._weights_stale:
+    def _log_sync(self, trainer: pl.Trainer, pl_module: Any, stats: SyncStats | None, batch_size: int) -> None:
+        if stats is None or trainer.state.fn != "fit" or trainer.sanity_checking:
             return
-        with self.engine.weight_update() if trainer.is_global_zero else nullcontext() as push:
-            stats = sync_weights(pl_module.policy, push, bucket_bytes=self.bucket_bytes, plan=self._sync_plan)
-        self._weights_stale = False
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            # Also reached from the first validation batch after an epoch: keep the names unsuffixed.
-            pl_module.log_dict({"perf/weight_gather_s": stats.gather_s, "perf/weight_push_s": stats.push_s},
-                               batch_size=batch_size, add_dataloader_idx=False)
+        # Also reached from the first validation batch after an epoch: keep the names unsuffixed.
+        pl_module.log_dict({"perf/weight_gather_s": stats.gather_s, "perf/weight_push_s": stats.push_s},
+                           batch_size=batch_size, add_dataloader_idx=False)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -331,47 +267,22 @@ class RolloutCallback(pl.Callback):
         self._generate_eval(trainer, pl_module, batch)
 
     def _generate_eval(self, trainer: pl.Trainer, pl_module: Any, batch: list[dict]) -> None:
-        self._sync_if_stale(trainer, pl_module, batch_size=len(batch))
+        self._log_sync(trainer, pl_module, self.pipeline.sync_weights(pl_module.policy), batch_size=len(batch))
         requests = pl_module.requests(batch)
         pl_module.eval_rollouts = {
-            setting.name: self._generate(
+            setting.name: self.pipeline.generate(
                 requests,
                 SamplingConfig(temperature=setting.temperature, top_p=setting.top_p,
-                               max_tokens=pl_module.eval_max_tokens, n=setting.k, seed=self.seed),
+                               max_tokens=pl_module.eval_max_tokens, n=setting.k),
             )
             for setting in pl_module.eval_settings
         }
 
-    # ------------------------------------------------------------------ gather → generate → scatter
 
-    def _generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Rollout]:
-        """Rank 0 generates every rank's requests in one engine call; each rank gets its own back."""
-        if not _distributed():
-            return self.engine.generate(requests, sampling)
-        gathered = _gather_to_rank_zero(requests)
-        scattered = None
-        if gathered is not None:
-            rollouts = self.engine.generate([r for rank_requests in gathered for r in rank_requests], sampling)
-            scattered = _split_by_rank(rollouts, [len(rank_requests) for rank_requests in gathered], sampling.n)
-        received: list[Any] = [None]
-        dist.scatter_object_list(received, scattered, src=0)
-        return received[0]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather_to_rank_zero(requests: list[RolloutRequest]) -> list[list[RolloutRequest]] | None:
-    """Every rank's requests, in rank order, on global rank 0 (None elsewhere); all ranks must call."""
-    if not _distributed():
-        return [requests]
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(requests, gathered, dst=0)
-    return gathered
-
-
-def _split_by_rank(rollouts: list[Rollout], prompts_per_rank: list[int], n: int) -> list[list[Rollout]]:
-    """Rank-major rollouts (n per prompt, request-major within a rank) cut into each rank's share."""
-    ends = list(accumulate(count * n for count in prompts_per_rank))
-    return [rollouts[end - count * n : end] for count, end in zip(prompts_per_rank, ends)]
+def _perf_metrics(step: StepRollouts) -> dict[str, float]:
+    """The step's rollout ``perf/`` metrics: the wait, and the slowest engine's time and throughput."""
+    perf = {"perf/rollout_wait_s": step.wait_s}
+    if step.engine_seconds:  # unknown for rollouts restored from a checkpoint written before this was saved
+        slowest = max(step.engine_seconds)
+        perf |= {"perf/generate_s": slowest, "perf/generate_tokens_per_s": step.tokens / slowest}
+    return perf

@@ -17,8 +17,8 @@ from torch import nn
 
 from maye_pl.models.adapters import adapter_for
 from maye_pl.models.loading import stop_token_ids
-from maye_pl.rollout.base import NamedTensors, ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 from maye_pl.rollout.seeds import sampling_seed
+from maye_pl.types import NamedTensors, ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 
 
 class HFEngine:
@@ -87,9 +87,10 @@ class HFEngine:
                 out = self.model.generate(**batch, **options)
             else:
                 # A private RNG stream: seeding must not reset the trainer's global generator. One
-                # generate call draws all rows from one generator: seeded with the call's first stream.
+                # generate call draws all rows from one generator: seeded with the call's first
+                # stream (so, unlike vLLM's, its rows depend on how requests are split into calls).
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(sampling_seed(sampling.seed, sampling.step, 0, 0))
+                    torch.manual_seed(sampling_seed(sampling.seed, sampling.step, sampling.request_offset, 0))
                     out = self.model.generate(**batch, **options)
         finally:
             self.model.train(was_training)

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch._C._distributed_c10d import BroadcastOptions, PrefixStore, TCPStore
 
+from maye_pl.types import NamedTensors
+
 WEIGHT_TRANSPORTS = ("collective", "shared_memory", "pipe")
 """``rollout.weight_transport`` values: a broadcast over a 2-process group, a buffer shared with an
 engine on the trainer host's CPU, or safetensors bytes through the engine's pipe (the fallback)."""
@@ -42,17 +44,21 @@ _ALIGN = 64  # bytes: every tensor's slice of the receive buffer starts on a 64-
 TensorMeta = tuple[str, tuple[int, ...], str]
 """(HF name, shape, dtype name) of one tensor of a bucket: the control message's entries."""
 
-NamedTensors = list[tuple[str, torch.Tensor]]
 
-
-def check_transport(transport: str) -> str:
-    """``transport`` if it is one of ``WEIGHT_TRANSPORTS``, else a ValueError naming the key."""
+def check_transport(transport: str, device: str | None = None) -> str:
+    """``transport`` if it is one of ``WEIGHT_TRANSPORTS`` (and, given the engine's ``device``,
+    one that reaches it), else a ValueError naming the key."""
     if transport not in WEIGHT_TRANSPORTS:
         raise ValueError(
             f"rollout.weight_transport={transport!r} must be one of {WEIGHT_TRANSPORTS}: "
             "'collective' broadcasts the weights over a process group (the default), "
             "'shared_memory' writes them into memory shared with a CPU engine, 'pipe' sends them "
             "as bytes through the engine's pipe (the fallback)."
+        )
+    if transport == "shared_memory" and device not in (None, "cpu"):
+        raise ValueError(
+            f"rollout.weight_transport='shared_memory' needs the engine on this host's CPU, "
+            f"not on {device}; use 'collective' (NCCL) for a GPU engine."
         )
     return transport
 

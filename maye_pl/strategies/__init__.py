@@ -1,11 +1,14 @@
-"""FSDP2 training for HF vision-language models: strategy, loading, clipping, weight streaming."""
+"""FSDP2 training for HF vision-language models: strategy, clipping, weight streaming.
+
+(Building a model on the meta device and loading it rank-0-first is ``maye_pl.models.loading``.)
+"""
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from maye_pl.strategies.fsdp2 import HF_PATHS_KEY, FSDP2Strategy, hf_models, shard_hf_model
 from maye_pl.strategies.grad_clip import clip_grad_norm_
-from maye_pl.strategies.loading import has_meta_tensors, init_empty_pretrained, load_pretrained_weights
 from maye_pl.strategies.weight_sync import (
+    Relay,
     SyncStats,
     WeightSyncPlan,
     hf_name,
@@ -16,15 +19,13 @@ from maye_pl.strategies.weight_sync import (
 __all__ = [
     "HF_PATHS_KEY",
     "FSDP2Strategy",
+    "Relay",
     "SyncStats",
     "WeightSyncPlan",
     "clip_grad_norm_",
-    "has_meta_tensors",
     "hf_models",
     "hf_name",
-    "init_empty_pretrained",
     "iter_full_parameters",
-    "load_pretrained_weights",
     "shard_hf_model",
     "sync_weights",
 ]

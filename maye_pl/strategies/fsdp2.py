@@ -39,8 +39,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from maye_pl.models.adapters import adapter_for
-from maye_pl.models.loading import DTYPES
-from maye_pl.strategies.loading import has_meta_tensors, load_pretrained_weights
+from maye_pl.models.loading import DTYPES, has_meta_tensors, load_pretrained_weights
 
 DtypeName = Literal["bfloat16", "float16", "float32"]
 
@@ -174,7 +173,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not is_overridden("configure_model", module):
             problems.append(
                 f"{type(module).__name__}.configure_model() is not overridden; build the HF models there,"
-                " e.g. self.policy = maye_pl.strategies.init_empty_pretrained(path)"
+                " e.g. self.policy = maye_pl.models.init_empty_pretrained(path)"
             )
         elif not hf_models(module):
             problems.append(

@@ -1,7 +1,6 @@
-"""Stream full (unsharded) policy weights to the rollout engine, one bounded bucket at a time.
+"""Stream full (unsharded) policy weights to the rollout engines, one bounded bucket at a time.
 
-After each optimizer-step batch the engine on global rank 0 needs the new weights under their HF
-names. Materializing a full state dict would cost a full model copy on rank 0; instead the ranks
+After each optimizer-step batch the engine(s) need the new weights under their HF names. Materializing a full state dict would cost a full model copy on rank 0; instead the ranks
 assemble one parameter at a time on rank 0, which keeps it in a bucket of at most
 ``bucket_bytes`` and hands the bucket to the engine. Frozen parameters (the ViT when only the
 LLM trains) never change, so a ``WeightSyncPlan`` sends them on the first sync only.
@@ -12,6 +11,12 @@ rank 0 holds exactly one full tensor in flight, other ranks only send their shar
 ``DTensor.full_tensor`` (an all-gather) would make every rank allocate the full tensor, and
 gloo's all-gather stages it in a second buffer (2x, measured); it remains the path for any other
 layout (e.g. tensor parallel).
+
+Several engines (one per engine group, each driven by its group's first rank): the shards are
+still gathered once, onto global rank 0, which then broadcasts each full tensor to the other
+engine owners over their own process group (``Relay``); every owner pushes the same buckets into
+its engine at the same time. A replicated (non-DTensor) parameter is already whole on every owner
+and travels nowhere.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,7 +35,21 @@ from torch.distributed.tensor import DTensor, Shard
 # activation checkpointing, FSDP1-style wrapping, torch.compile.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
 
-NamedTensors = list[tuple[str, torch.Tensor]]
+from maye_pl.types import NamedTensors
+
+
+@dataclass(frozen=True)
+class Relay:
+    """More ranks that receive every full tensor: the gathering rank broadcasts it to them.
+
+    The rollout pipeline's engine owners (``groups.EngineGroups.owners``), so the FSDP shards are
+    gathered once per sync however many engines take the weights.
+    """
+
+    group: Any
+    """A process group of exactly ``ranks`` (``torch.distributed.new_group``)."""
+    ranks: tuple[int, ...]
+    """The receiving global ranks, the gathering ``dst_rank`` among them."""
 
 
 def hf_name(name: str) -> str:
@@ -43,15 +63,28 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _gather_full(param: torch.Tensor, dst_rank: int) -> torch.Tensor | None:
-    """The full value of ``param`` on global rank ``dst_rank``, None on the other ranks (all must call)."""
-    keep = _rank() == dst_rank
+def _gather_full(param: torch.Tensor, dst_rank: int, relay: Relay | None = None) -> torch.Tensor | None:
+    """The full value of ``param`` on global rank ``dst_rank`` and the ``relay`` ranks, None on the
+    other ranks (all must call)."""
+    rank = _rank()
+    keep = rank == dst_rank or (relay is not None and rank in relay.ranks)
     if not isinstance(param, DTensor):
         return param.detach() if keep else None
     mesh = param.device_mesh
     if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
         full = param.full_tensor()
         return full.detach() if keep else None
+    full = _gather_rows(param, dst_rank)
+    if keep and relay is not None:
+        if full is None:
+            full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+        dist.broadcast(full, src=dst_rank, group=relay.group)
+    return full
+
+
+def _gather_rows(param: DTensor, dst_rank: int) -> torch.Tensor | None:
+    """A ``Shard(0)`` parameter's rows, point to point into one tensor on ``dst_rank`` (None elsewhere)."""
+    mesh = param.device_mesh
     group = mesh.get_group()
     local = param.to_local().detach()
     dst = dist.get_group_rank(group, dst_rank)
@@ -82,8 +115,10 @@ def iter_full_parameters(
     bucket_bytes: int,
     names_filter: Callable[[str, torch.Tensor], bool] | None = None,
     dst_rank: int = 0,
+    relay: Relay | None = None,
 ) -> Iterator[NamedTensors]:
-    """Yield the full parameters of ``model`` on ``dst_rank`` in buckets of at most ``bucket_bytes``.
+    """Yield the full parameters of ``model`` on ``dst_rank`` (and the ``relay`` ranks) in buckets
+    of at most ``bucket_bytes``.
 
     Every rank of the model's mesh must exhaust this iterator (each sharded parameter is gathered
     from all ranks). On ``dst_rank`` it yields lists of ``(hf_name, full_tensor)``; on other
@@ -105,7 +140,8 @@ def iter_full_parameters(
         names_filter: ``(hf_name, param) -> bool``; only parameters it accepts are gathered. It
             must answer the same on every rank (decide on names and ``requires_grad``, never on
             shard contents).
-        dst_rank: the global rank that receives the tensors.
+        dst_rank: the global rank that gathers the tensors.
+        relay: more ranks that receive each tensor from ``dst_rank`` (the same buckets).
     """
     if bucket_bytes <= 0:
         raise ValueError(f"iter_full_parameters: bucket_bytes={bucket_bytes} must be > 0; pass e.g. 256 * 2**20.")
@@ -120,7 +156,7 @@ def iter_full_parameters(
             yield bucket
             bucket.clear()  # frees the tensors even while the caller still holds the list
             bucket, held = [], 0
-        full = _gather_full(param, dst_rank)
+        full = _gather_full(param, dst_rank, relay)
         if full is not None:
             bucket.append((name, full))
             held += nbytes
@@ -151,9 +187,9 @@ class SyncStats:
     """What one weight sync moved and where its time went (for ``perf/`` metrics)."""
 
     num_tensors: int
-    """Parameters sent (0 on ranks other than the destination)."""
+    """Parameters sent (0 on ranks that receive nothing)."""
     num_bytes: int
-    """Bytes of full tensors sent (0 on ranks other than the destination)."""
+    """Bytes of full tensors sent (0 on ranks that receive nothing)."""
     num_buckets: int
     """Buckets handed to ``push``."""
     max_bucket_bytes: int
@@ -171,22 +207,25 @@ def sync_weights(
     bucket_bytes: int,
     plan: WeightSyncPlan | None = None,
     dst_rank: int = 0,
+    relay: Relay | None = None,
 ) -> SyncStats:
-    """Gather ``model``'s full weights bucket by bucket and ``push`` each bucket on ``dst_rank``.
+    """Gather ``model``'s full weights bucket by bucket and ``push`` each bucket on ``dst_rank``
+    (and on the ``relay`` ranks: one engine owner each).
 
     Call on every rank at the same point (e.g. ``on_train_batch_end``); ``push`` is only called
-    on ``dst_rank`` (pass the ``push`` of ``engine.weight_update()`` there, None elsewhere), so
-    the whole sync is one engine transaction. ``push`` must be done with the bucket when it
+    on the receiving ranks (pass the ``push`` of ``engine.weight_update()`` there, None
+    elsewhere), so the whole sync is one transaction per engine. ``push`` must be done with the bucket when it
     returns: the list is emptied right after (memory bound). With a ``plan``, frozen parameters
     are sent on the first call only.
 
     Timings are host wall-clock: on a GPU the gather time includes waiting for the all-gathers,
     the push time whatever the engine synchronizes.
     """
-    if _rank() == dst_rank and push is None:
+    receivers = {dst_rank, *(relay.ranks if relay is not None else ())}
+    if _rank() in receivers and push is None:
         raise ValueError(
-            f"sync_weights: push is None on the destination rank {dst_rank}; pass the push of "
-            "engine.weight_update()."
+            f"sync_weights: push is None on rank {_rank()}, one of the receiving ranks {sorted(receivers)}; "
+            "pass the push of engine.weight_update()."
         )
     frozen_selected: list[str] = []
 
@@ -198,7 +237,8 @@ def sync_weights(
 
     num_tensors = num_bytes = num_buckets = max_bucket = 0
     gather_s = push_s = 0.0
-    buckets = iter_full_parameters(model, bucket_bytes=bucket_bytes, names_filter=select, dst_rank=dst_rank)
+    buckets = iter_full_parameters(model, bucket_bytes=bucket_bytes, names_filter=select, dst_rank=dst_rank,
+                                   relay=relay)
     while True:
         start = time.perf_counter()
         bucket = next(buckets, None)
@@ -209,7 +249,7 @@ def sync_weights(
         num_tensors, num_bytes, num_buckets = num_tensors + len(bucket), num_bytes + bucket_nbytes, num_buckets + 1
         max_bucket = max(max_bucket, bucket_nbytes)
         start = time.perf_counter()
-        push(bucket)  # type: ignore[misc]  # not None on dst_rank (checked above), the only rank with buckets
+        push(bucket)  # type: ignore[misc]  # not None on the receivers (checked above), the only ranks with buckets
         push_s += time.perf_counter() - start
     if plan is not None:
         plan.sent_frozen.update(frozen_selected)

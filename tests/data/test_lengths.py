@@ -15,12 +15,12 @@ import json
 import pytest
 from PIL import Image
 
-import maye_pl.data.lengths as lengths
 from maye_pl.data import DatasetError, MayeDataModule
 from maye_pl.data.datamodule import MayeDataset, PromptCollator
 from maye_pl.data.jsonl import load_split
+import maye_pl.data.lengths as lengths
 from maye_pl.models.adapters import ADAPTERS
-from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 QWEN2_5_VL = ADAPTERS["qwen2_5_vl"]  # the tiny model's family
 

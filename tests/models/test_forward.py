@@ -1,17 +1,26 @@
 """The trainer-side forward, for every model family: padding layout, response logprobs equal an
 unpadded per-row forward, chunking and row selection (vision inputs re-sliced through the family's
-adapter) change nothing, and M-RoPE needs ``mm_token_type_ids``."""
+adapter) change nothing, M-RoPE needs ``mm_token_type_ids``, and the compute switches (token
+budgets, one prompt pass per group, packed rows) give the padded path's log-probs and gradients."""
 
 from __future__ import annotations
+
+import copy
+import importlib.util
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+from maye_pl.models import forward
 from maye_pl.models.adapters import ADAPTERS
-from maye_pl.models.forward import build_policy_inputs, response_logprobs, select_rows
+from maye_pl.models.forward import ResponseScorer, build_policy_inputs, response_logprobs, select_rows
+from maye_pl.models.packing import packs_rows
+from maye_pl.models.prefix_cache import PrefixCache
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout.base import RolloutRequest
+from maye_pl.types import RolloutRequest
 
 TEMPERATURE = 0.7
 
@@ -191,3 +200,97 @@ def test_rejects_vision_tokens_in_responses_and_mismatched_lengths(family_proces
         build_policy_inputs(family_processor, requests[:2], [[5], [6, image_pad]], pad, adapter=adapter)
     with pytest.raises(ValueError, match="2 requests but 1 responses"):
         build_policy_inputs(family_processor, requests[:2], [[5]], pad, adapter=adapter)
+
+
+def _budget(inputs) -> int:
+    """A token budget that puts 2-3 of the fixture's rows in a micro-batch (and some alone)."""
+    lengths = inputs.lengths()
+    return int(2 * (lengths.prompt + lengths.response).max())
+
+
+def test_compute_switches_give_the_padded_logprobs(family, policy, family_processor, rows, adapter, monkeypatch):
+    """Token budgets, one prompt pass per group and packed rows score every token as the padded
+    rows do (fp32: within 1e-5)."""
+    requests, responses = rows
+    inputs = build_policy_inputs(family_processor, requests, responses, family_processor.tokenizer.pad_token_id,
+                                 adapter=adapter)
+    banned = adapter.vision_token_ids(family_processor.tokenizer)
+    score = partial(response_logprobs, policy, inputs, temperature=TEMPERATURE, banned_token_ids=banned)
+    budget = _budget(inputs)
+    with torch.no_grad():
+        padded = score(forward_batch_size=2)
+        for switches in (dict(max_tokens_per_micro_batch=budget), dict(dedup_group_prompts=True),
+                         dict(dedup_group_prompts=True, max_tokens_per_micro_batch=budget // 2)):
+            torch.testing.assert_close(score(**switches), padded, atol=1e-5, rtol=0, msg=str(switches))
+        if family != "qwen3_5":  # its Gated DeltaNet layers would carry state across packed rows
+            # Packed rows are flash-attention's layout; on the CPU sdpa masks them block-diagonally.
+            monkeypatch.setattr(forward, "packs_rows", lambda model: True)
+            torch.testing.assert_close(score(max_tokens_per_micro_batch=budget), padded, atol=1e-5, rtol=0)
+
+
+def test_packing_needs_flash_attention_and_full_attention(family, policy):
+    assert not packs_rows(policy)  # sdpa
+    flash = copy.deepcopy(policy.config)
+    flash._attn_implementation = "flash_attention_2"
+    assert packs_rows(SimpleNamespace(config=flash)) == (family != "qwen3_5")
+
+
+def test_shared_prompt_gradients_equal_padded_under_checkpointing(family, family_model_dir, family_processor, rows, adapter):
+    """The update's path: micro-batches backpropagated one by one, then the shared prompts once
+    (``ResponseScorer.backward``), under HF gradient checkpointing (each layer replayed with the
+    prompt cache); every parameter (ViT included) gets the padded path's gradient."""
+    requests, responses = rows
+    inputs = build_policy_inputs(family_processor, requests, responses, family_processor.tokenizer.pad_token_id,
+                                 adapter=adapter)
+    policy = load_policy(family_model_dir)  # train mode, every part trainable
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    weights = torch.linspace(-1.0, 1.0, inputs.response_ids.numel()).reshape(inputs.response_ids.shape)
+
+    def gradients(**switches) -> dict[str, torch.Tensor]:
+        policy.zero_grad()
+        scorer = ResponseScorer(policy, inputs, temperature=TEMPERATURE, count=2, **switches)
+        for micro_rows in scorer.micro_batches:
+            (scorer.logprobs(micro_rows) * weights[micro_rows]).sum().backward()
+        scorer.backward()
+        return {name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
+
+    padded = gradients()
+    flat = torch.cat([g.flatten() for g in padded.values()])
+    for switches in (dict(dedup_group_prompts=True), dict(dedup_group_prompts=True, max_tokens_per_micro_batch=_budget(inputs))):
+        shared = gradients(**switches)
+        assert shared.keys() == padded.keys() == {n for n, _ in policy.named_parameters()}
+        difference = torch.cat([(shared[k] - padded[k]).flatten() for k in padded]).norm() / flat.norm()
+        assert difference < 1e-5, (switches, float(difference))
+
+
+def test_prefix_cache_refuses_sliding_window_layers(policy):
+    config = copy.deepcopy(policy.config.get_text_config())
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] .* set `model.dedup_group_prompts` false"):
+        PrefixCache.recorder(config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="needs a CUDA GPU and flash-attn")
+def test_flash_attention_packs_rows_like_the_padded_path(family, family_model_dir, family_processor, rows, adapter):
+    """On a GPU node (``pytest -m gpu``): flash-attention 2 in bf16 packs the rows (cu_seq_lens, 3-D
+    M-RoPE positions per row), and the packed, the shared-prompt and the padded paths are each as close
+    to an fp32 sdpa reference as bf16 rounding allows: a wrong position or a row attending across a
+    boundary would cost far more (MAYE's 1-D positions: 0.06 nats per image-row token)."""
+    requests, responses = rows
+    inputs = build_policy_inputs(family_processor, requests, responses, family_processor.tokenizer.pad_token_id,
+                                 adapter=adapter).to("cuda")
+    banned = adapter.vision_token_ids(family_processor.tokenizer)
+    reference_model = load_policy(family_model_dir).cuda().eval()
+    flash = load_policy(family_model_dir, dtype="bfloat16", attn_implementation="flash_attention_2").cuda().eval()
+    assert packs_rows(flash) == (family != "qwen3_5")
+    with torch.no_grad():
+        reference = response_logprobs(reference_model, inputs, temperature=TEMPERATURE, banned_token_ids=banned)
+        score = partial(response_logprobs, flash, inputs, temperature=TEMPERATURE, banned_token_ids=banned)
+        padded = score(forward_batch_size=2)  # rows padded (flash-attention unpads attention only)
+        mask = inputs.response_mask
+        padded_error = float((padded - reference).abs()[mask].mean())
+        for switches in (dict(max_tokens_per_micro_batch=_budget(inputs)), dict(dedup_group_prompts=True)):
+            error = float((score(**switches) - reference).abs()[mask].mean())
+            assert error <= 2 * padded_error + 1e-3, (switches, error, padded_error)

@@ -24,7 +24,7 @@ from maye_pl.rewards import (
 )
 from maye_pl.rewards.combine import RewardTerm
 from maye_pl.rewards.maye_judge import boxed_integers_agree, last_boxed_sentence, maye_preprocess, scorer_agrees
-from maye_pl.rollout.base import Rollout
+from maye_pl.types import Rollout
 
 # (response, solution, MAYE's verdict): why
 JUDGE_CASES = [

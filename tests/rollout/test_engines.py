@@ -15,10 +15,11 @@ import torch
 from maye_pl.models.adapters import ADAPTERS
 from maye_pl.models.forward import build_policy_inputs, response_logprobs
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout.base import RolloutEngine, SamplingConfig
+from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine
 from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
+from maye_pl.types import SamplingConfig
 from conftest import ENGINE_FAMILIES
 
 pytestmark = pytest.mark.parametrize("family", ENGINE_FAMILIES, indirect=True)
@@ -121,7 +122,7 @@ def test_prompt_ids_equal_the_trainers(engine, family_processor, adapter, family
 
 
 def test_logprobs_equal_the_trainers_before_and_after_update(
-    engine, family_model_dir, family_processor, adapter, policy, family_requests, monkeypatch
+    engine, family_model_dir, family_processor, adapter, policy, family_requests
 ):
     """After a weight update the engine samples with the new weights exactly (<= 1e-4 in fp32),
     over every weight transport the engine has (vLLM: collective broadcast and pipe)."""
@@ -138,7 +139,7 @@ def test_logprobs_equal_the_trainers_before_and_after_update(
     transports = WEIGHT_TRANSPORTS if isinstance(engine, VLLMEngine) else (None,)
     for transport in transports:
         if transport is not None:
-            monkeypatch.setattr(engine, "weight_transport", transport)
+            engine.set_weight_transport(transport)
         try:
             engine.update_weights(perturbed.named_parameters())
             after = engine.generate(family_requests, sampling)
@@ -148,6 +149,8 @@ def test_logprobs_equal_the_trainers_before_and_after_update(
             assert (engine_lp - scored_by_old)[mask].abs().max() > 1e-2  # the update landed
         finally:
             engine.update_weights(policy.named_parameters())  # engines are shared: restore
+    if transports != (None,):
+        engine.set_weight_transport("collective")
     assert [r.token_ids for r in engine.generate(family_requests, sampling)] == [
         r.token_ids for r in before
     ]

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout.base import RolloutRequest, SamplingConfig
 from maye_pl.rollout.hf_engine import HFEngine
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 
 @pytest.fixture(scope="module")

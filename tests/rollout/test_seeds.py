@@ -9,8 +9,8 @@ out-of-range indices are refused; the HF engine's call seed is the call's first 
 
 import pytest
 
-from maye_pl.rollout.base import SamplingConfig
 from maye_pl.rollout.seeds import sampling_seed
+from maye_pl.types import SamplingConfig
 
 
 def test_no_two_streams_of_a_run_share_a_seed():
@@ -40,11 +40,14 @@ def test_vllm_derives_sample_k_as_seed_plus_k_and_the_engine_sends_stream_zero()
     from vllm import SamplingParams
     from vllm.v1.engine.parallel_sampling import ParentRequest
 
-    from maye_pl.rollout.vllm_engine import _sampling_params
+    from maye_pl.rollout.vllm_requests import GenerationRules, sampling_params
 
     sampling = SamplingConfig(n=4, seed=11, step=5)
-    params = _sampling_params(sampling, request_index=9, stop_ids=[0], banned=[])
+    params = sampling_params(sampling, 9, GenerationRules(stop_ids=[0], banned=[]))
     assert params.seed == sampling_seed(11, 5, 9, 0)
+    # An engine serving requests 4.. of the step (another engine drew 0-3): its request 5 is request 9.
+    offset = SamplingConfig(n=4, seed=11, step=5, request_offset=4)
+    assert sampling_params(offset, 5, GenerationRules(stop_ids=[0], banned=[])).seed == params.seed
     parent = ParentRequest.__new__(ParentRequest)  # only its sampling params matter here
     parent.sampling_params, parent.cached_child_sampling_params = params, None
     children = [parent._get_child_sampling_params(k) for k in range(4)]

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from maye_pl.models.loading import load_policy
-from maye_pl.rollout import vllm_engine
-from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+from maye_pl.rollout import vllm_host
 from maye_pl.rollout.hf_engine import HFEngine
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 from maye_pl.rollout.weight_transport import WEIGHT_TRANSPORTS
 from maye_pl.strategies import WeightSyncPlan, iter_full_parameters, sync_weights
+from maye_pl.types import RolloutRequest, SamplingConfig
 
 from conftest import ENGINE_FAMILIES
 
@@ -57,15 +57,15 @@ def test_greedy_tokens_equal_the_hf_engine(vllm_engine, tiny_processor, policy, 
     scope="session",  # grouped with the other tests of each family: its engine starts once
 )
 def test_a_sync_is_one_transaction_of_bounded_buckets(
-    family_engine, family_model_dir, family_requests, transport, monkeypatch
+    family_engine, family_model_dir, family_requests, transport, request
 ):
     """``sync_weights`` into ``weight_update()`` is one engine transaction: the worker begins and
     finalizes once per sync, however many buckets it loads (its own counters, read by RPC).
     With the ViT frozen, the second sync of a plan sends only the LLM, and the engine keeps the
     ViT it was not sent: greedy image rollouts are unchanged after both syncs (same weights).
     Every transport on Qwen2.5-VL; the collective one on every other model family."""
-    monkeypatch.setattr(family_engine, "weight_transport", transport)
-    monkeypatch.setattr(family_engine, "weight_bucket_bytes", 64 * 1024)
+    family_engine.set_weight_transport(transport, bucket_bytes=64 * 1024)
+    request.addfinalizer(lambda: family_engine.set_weight_transport("collective", bucket_bytes=256 * 2**20))
     policy = load_policy(family_model_dir).eval()
     policy.model.visual.requires_grad_(False)
     plan = WeightSyncPlan()
@@ -117,11 +117,11 @@ def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rol
 
 
 def test_a_prestarted_host_nobody_adopts_is_stopped_at_once():
-    vllm_engine.discard_prestarted_host()  # conftest's warm host
-    assert vllm_engine.prestart_host()  # what `python -m maye_pl fit` does on a machine without GPUs
-    host = psutil.Process(vllm_engine._prestarted[0].pid)  # noqa: SLF001
-    assert not vllm_engine.prestart_host()  # one at a time
-    vllm_engine.discard_prestarted_host()  # e.g. the run's engine is the HF one
+    vllm_host.discard_prestarted_host()  # conftest's warm host
+    assert vllm_host.prestart_host()  # what `python -m maye_pl fit` does on a machine without GPUs
+    host = psutil.Process(vllm_host._prestarted.pid)  # noqa: SLF001
+    assert not vllm_host.prestart_host()  # one at a time
+    vllm_host.discard_prestarted_host()  # e.g. the run's engine is the HF one
     _, alive = psutil.wait_procs([host], timeout=5)
     assert not alive
 
@@ -129,12 +129,12 @@ def test_a_prestarted_host_nobody_adopts_is_stopped_at_once():
 def test_a_failed_update_shuts_the_engine_down(tiny_model_dir, policy):
     """The engine adopts the host prestarted for it (the CLI's path) and, once an update fails,
     shuts it down: half-loaded weights never serve a rollout."""
-    vllm_engine.prestart_host()
-    prestarted = vllm_engine._prestarted[0].pid  # noqa: SLF001
+    vllm_host.prestart_host()
+    prestarted = vllm_host._prestarted.pid  # noqa: SLF001
     engine = VLLMEngine(
         tiny_model_dir, max_model_len=512, max_num_seqs=4, kv_cache_memory_bytes=2**26, device="cpu"
     )
-    assert engine.pid == prestarted and vllm_engine._prestarted is None  # noqa: SLF001
+    assert engine.pid == prestarted and vllm_host._prestarted is None  # noqa: SLF001
     host = psutil.Process(engine.pid)
     weights = [*policy.named_parameters(), ("model.language_model.no_such.weight", torch.zeros(2))]
     with pytest.raises(VLLMEngineError, match="no_such"):
@@ -177,7 +177,7 @@ def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_
 
 _OWNER = textwrap.dedent("""
     import os, sys
-    from maye_pl.rollout.base import RolloutRequest, SamplingConfig
+    from maye_pl.types import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 
     if __name__ == "__main__":

@@ -28,15 +28,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
-from maye_pl.strategies import (
-    FSDP2Strategy,
-    WeightSyncPlan,
-    clip_grad_norm_,
-    init_empty_pretrained,
-    iter_full_parameters,
-    load_pretrained_weights,
-    sync_weights,
-)
+from maye_pl.models.loading import init_empty_pretrained, load_pretrained_weights
+from maye_pl.strategies import FSDP2Strategy, WeightSyncPlan, clip_grad_norm_, iter_full_parameters, sync_weights
 
 GLOBAL_BATCH = 4
 RESPONSE_LEN = 8

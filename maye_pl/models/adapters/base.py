@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from maye_pl.models.forward import PolicyInputs
+    from maye_pl.models.policy_inputs import PolicyInputs
 
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 """Qwen-VL tokens only the processor may place: a sampled one makes the trainer's forward fail
@@ -96,6 +96,19 @@ class ModelAdapter:
             "pixel_values": inputs.pixel_values,
             "image_grid_thw": inputs.image_grid_thw,
         }
+
+    def rope_positions(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       mm_token_type_ids: Tensor, image_grid_thw: Tensor | None) -> Tensor:
+        """(3, n, L) long: the M-RoPE positions (time, height, width) the model gives these rows, 0 on
+        padding; from the family's ``get_rope_index`` (image tokens by their patch grid, text by count).
+
+        The trainer passes them explicitly where the model cannot infer them: a response pass that
+        continues a cached prompt, rows packed into one sequence.
+        """
+        positions, _ = model.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        return positions
 
     def patches_per_image(self, image_grid_thw: Tensor) -> Tensor:
         """(I,) rows of ``pixel_values`` per image: its t*h*w patch grid, from (I, 3) ``image_grid_thw``."""

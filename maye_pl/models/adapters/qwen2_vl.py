@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maye_pl.models.adapters.base import ModelAdapter
-from maye_pl.models.tiny import tiny_qwen_processor, tiny_text_config, tiny_vlm_config
+from maye_pl.models.adapters.tiny_parts import tiny_qwen_processor, tiny_text_config, tiny_vlm_config
 
 # M-RoPE splits the 16 rotary frequencies of a 32-wide head over (time, height, width).
 QWEN2_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from maye_pl.models.adapters.base import ModelAdapter
 from maye_pl.models.adapters.qwen3_vl import QWEN3_VISION, tiny_processor
-from maye_pl.models.tiny import tiny_text_config, tiny_vision_config, tiny_vlm_config
+from maye_pl.models.adapters.tiny_parts import tiny_text_config, tiny_vision_config, tiny_vlm_config
 
 
 def tiny_config(tokenizer):

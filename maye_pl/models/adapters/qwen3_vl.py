@@ -4,7 +4,7 @@ features of intermediate blocks added into the first LLM layers: connectors too)
 from __future__ import annotations
 
 from maye_pl.models.adapters.base import ModelAdapter
-from maye_pl.models.tiny import tiny_qwen_processor, tiny_text_config, tiny_vision_config, tiny_vlm_config
+from maye_pl.models.adapters.tiny_parts import tiny_qwen_processor, tiny_text_config, tiny_vision_config, tiny_vlm_config
 
 QWEN3_VISION = {"patch_size": 16, "num_position_embeddings": 64}  # an 8 x 8 grid, interpolated per image
 
