@@ -35,6 +35,7 @@ import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from maye_pl.data.geometry import ensure_geometry_dataset
+from maye_pl.errors import ConfigError
 from maye_pl.models.tiny import ensure_tiny_model, tiny_model_type
 
 DEMO_MODEL_PATHS = (Path(".cache/tiny-qwen2.5-vl"), Path(".cache/tiny-qwen2-vl"), Path(".cache/tiny-qwen3-vl"))
@@ -74,7 +75,7 @@ def ensure_warm_start(out_dir: str | Path, recipe: str | Path) -> Path:
     """
     out_dir, recipe = Path(out_dir), Path(recipe)
     if not recipe.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"the demo's warm start {out_dir} is built by the SFT recipe {recipe}, which does not exist; run from "
             "a maye_pl checkout (pip install -e .), or point `model.model_path` at a model of your own."
         )
@@ -120,7 +121,7 @@ def _train_sft(recipe: Path) -> Any:
 
     cli = MayeCLI(args=["--config", str(recipe)], run=False)
     if not isinstance(cli.model, SFT):
-        raise ValueError(f"{recipe}: `model.class_path` is {type(cli.model).__name__}; the warm start recipe must train maye_pl.sft.SFT.")
+        raise ConfigError(f"{recipe}: `model.class_path` is {type(cli.model).__name__}; the warm start recipe must train maye_pl.sft.SFT.")
     trainer_config = cli.config.trainer
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=trainer_config.precision, max_epochs=trainer_config.max_epochs,

@@ -56,9 +56,9 @@ def test_cli_overrides_reach_the_model():
 
 
 @pytest.mark.parametrize(("config", "max_model_len", "train_max_tokens", "eval_max_tokens"), [
-    ("demo.yaml", 1024, 48, 48),  # model.sampling.max_tokens serves training and evaluation
+    ("demo.yaml", 1024, 24, 24),  # model.sampling.max_tokens serves training and evaluation
     ("geo3k.yaml", 8192, 2048, 2048),
-    ("sft_demo.yaml", 1024, None, 48),  # SFT generates only to evaluate: model.eval_max_tokens
+    ("sft_demo.yaml", 1024, None, 24),  # SFT generates only to evaluate: model.eval_max_tokens
 ])
 def test_prompt_token_budgets_are_linked_from_the_engine_and_the_model(config, max_model_len, train_max_tokens,
                                                                         eval_max_tokens):

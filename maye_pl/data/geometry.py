@@ -240,10 +240,10 @@ THIRD_ANGLE = _Kind(
 
 GRID = 4
 """Cells per side of the shaded-area grid; a cell is SIZE / GRID = 28 px, one merged vision token."""
-SHADED_COUNTS = range(2, 10)
-"""How many cells a figure shades: the answers 2 ... 9."""
-_SHADINGS_PER_COUNT = 120
-"""Distinct shadings per count (all 120 ways to shade 2 of the 16 cells), so answers are equally frequent."""
+SHADED_COUNTS = range(3, 10)
+"""How many cells a figure shades: the answers 3 ... 9."""
+_SHADINGS_PER_COUNT = 400
+"""Distinct shadings per count (of the 560 ways to shade 3 of the 16 cells), so answers are equally frequent."""
 
 
 def _shadings() -> list[tuple[int, ...]]:
