@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +29,10 @@ from maye_pl.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError, debug_e
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
 from maye_pl.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from maye_pl.rollout.callback import RolloutCallback
+
+# The docstring under each field of a hyperparameter group (``maye_pl/hparams.py``) is its help:
+# `--help` and `--print_config=comments` show it.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def train_prompt_budget(max_model_len: int, model: Namespace) -> int | None:

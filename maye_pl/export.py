@@ -2,7 +2,9 @@
 
 Sources: a Lightning checkpoint (a DCP directory as ``FSDP2Strategy`` writes by default, or a
 single .ckpt file) or a plain full state dict. The policy's weights are picked by their
-attribute prefix (``policy.``), written by HF's ``save_pretrained`` (config, safetensors in the
+attribute prefix (``policy.``), a LoRA policy's adapters merged into the weights they wrap
+(W + alpha/r · B @ A, ``model.lora`` read from the checkpoint's hyperparameters), written by HF's
+``save_pretrained`` (config, safetensors in the
 on-disk key format, generation config), and the base model's tokenizer / processor / chat
 template files are copied next to them. The export is assembled in a temporary sibling directory
 and renamed into place, so ``out_dir`` is either complete or absent.
@@ -26,6 +28,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, GenerationConfig
 
 from maye_pl.models.loading import DTYPES, model_class
+from maye_pl.models.lora import LoraArgs, merge_adapters
 from maye_pl.strategies.fsdp2 import HF_PATHS_KEY
 from maye_pl.strategies.weight_sync import hf_name
 
@@ -52,8 +55,9 @@ def read_checkpoint(path: str | os.PathLike, prefix: str) -> tuple[dict[str, tor
 
     ``path`` is a Lightning checkpoint: a DCP directory or a single .ckpt file. Returns
     ``(state_dict, {attribute: base model dir})``; the mapping is empty for checkpoints written
-    without ``FSDP2Strategy``. Both formats come from this run's own training, so their pickled
-    parts (Lightning's loop state, hyperparameters) are loaded with ``weights_only=False``.
+    without ``FSDP2Strategy``. A LoRA policy's state comes merged: the plain model's tensors
+    (``merge_adapters``). Both formats come from this run's own training, so their pickled parts
+    (Lightning's loop state, hyperparameters) are loaded with ``weights_only=False``.
     """
     path = Path(path)
     if (path / _DCP_METADATA).is_file():
@@ -84,7 +88,21 @@ def read_checkpoint(path: str | os.PathLike, prefix: str) -> tuple[dict[str, tor
         raise FileNotFoundError(
             f"export: {path} is neither a checkpoint file nor a DCP directory (no {_DCP_METADATA} inside)."
         )
-    return _select(state, prefix, str(path)), dict(extra.get(HF_PATHS_KEY, {}))
+    state = _merged(_select(state, prefix, str(path)), extra.get("hyper_parameters") or {}, str(path))
+    return state, dict(extra.get(HF_PATHS_KEY, {}))
+
+
+def _merged(state: dict[str, torch.Tensor], hparams: Mapping, where: str) -> dict[str, torch.Tensor]:
+    """``state`` with its LoRA adapters (if any) merged, scaled by the run's ``model.lora``."""
+    if not any(".lora_A." in key for key in state):
+        return state
+    lora = hparams.get("lora") or {}
+    if not lora.get("r"):
+        raise ValueError(
+            f"export: {where} holds LoRA adapters but its hyperparameters record no `lora` with r > 0 "
+            f"(got {lora!r}); merge them yourself with maye_pl.models.lora.merge_adapters(state, alpha / r)."
+        )
+    return merge_adapters(state, LoraArgs(**lora).scaling)
 
 
 def export_hf(
@@ -113,7 +131,7 @@ def export_hf(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"export: {out_dir} exists; pass overwrite=True (--overwrite) or another directory.")
     if isinstance(source, Mapping):
-        state, recorded = _select(source, prefix, "the given state dict"), {}
+        state, recorded = _merged(_select(source, prefix, "the given state dict"), {}, "the given state dict"), {}
     else:
         state, recorded = read_checkpoint(source, prefix)
     attribute = prefix.rstrip(".")

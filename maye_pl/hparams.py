@@ -1,48 +1,168 @@
-"""Checks of ReinforcePP's hyperparameters that need no model: each problem names the key, the
-value, the rule and the fix; the module collects them all and raises once."""
+"""ReinforcePP's hyperparameter groups: small typed dataclasses, one YAML node each.
+
+    model.advantages   AdvantageArgs   Step III.5: scores -> per-token advantages
+    model.loss         LossArgs        Step IV: the policy loss, its clipping, the KL loss, aggregation
+    model.ppo          PPOArgs         Step IV: epochs, minibatches, gradient accumulation
+    model.off_policy   OffPolicyArgs   Step IV: importance weights of rollouts the engine sampled
+    model.dynamic_sampling DynamicSamplingArgs  Step II: DAPO's dynamic sampling of groups
+    model.lora         LoraArgs        (maye_pl/models/lora.py, shared with the SFT baseline)
+    model.optim        OptimArgs       (maye_pl/optim.py, shared with the SFT baseline)
+
+Each group checks itself (``problems``: every problem names its full key, the value, the rule and
+the fix); ``cross_group_problems`` checks what spans groups; the module collects all of them and
+raises once. jsonargparse reads the docstring under each field: ``--help`` and
+``--print_config=comments`` show them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 from maye_pl import rl
+from maye_pl.types import SamplingConfig
+
+GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo")
+"""Advantage estimators that compare the samples of one prompt (they need ``sampling.n`` >= 2)."""
 
 
-def reinforce_pp_problems(hp: Mapping[str, Any]) -> list[str]:
-    """Every problem of the RL settings in ``hp`` (the module's hyperparameters, read as attributes),
-    [] when none; the optimizer's and the judge's are ``optim.optimizer_problems`` and
-    ``rewards.judge_problems``."""
+def _unknown(key: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"`{key}`={value!r} is unknown; choose one of {sorted(choices)}."]
+
+
+def _kl_coef(key: str, value: float) -> list[str]:
+    return [] if value >= 0 else [f"`{key}`={value} must be >= 0 (a KL penalty); use 0 for none."]
+
+
+@dataclass(frozen=True)
+class AdvantageArgs:
+    """How sequence scores become per-token advantages (``maye_pl.rl.estimate_advantages``)."""
+
+    estimator: str = "reinforce_pp"
+    """One of ``maye_pl.rl.ADVANTAGE_ESTIMATORS``: "reinforce_pp" (the paper: discounted returns
+    whitened over the batch), "reinforce_pp_baseline" (each prompt's mean score subtracted first) or
+    "grpo" (each prompt's mean and std)."""
+    gamma: float = 1.0
+    """Discount of the per-token returns (the paper: 1)."""
+    kl_coef: float = 0.0
+    """β_rew: the k3 KL to the reference folded into the token rewards (the paper: 0)."""
+    maye_compat: bool = False
+    """Whiten per rank and add the mean back, exactly as MAYE's code; False whitens over the
+    global batch to zero mean."""
+
+    def problems(self, key: str = "model.advantages") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        problems = _unknown(f"{key}.estimator", self.estimator, rl.ADVANTAGE_ESTIMATORS)
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"`{key}.gamma`={self.gamma} must lie in [0, 1] (a discount factor).")
+        return problems + _kl_coef(f"{key}.kl_coef", self.kl_coef)
+
+
+@dataclass(frozen=True)
+class LossArgs:
+    """The policy loss of Step IV: PPO-clip plus β_loss times the k3 KL to the reference."""
+
+    clip_low: float = 0.2
+    """ε_low: the ratio π/π_old is clipped from below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """ε_high: the ratio is clipped from above at 1 + clip_high (> clip_low: DAPO's clip-higher)."""
+    kl_coef: float = 0.001
+    """β_loss: the k3 KL(π‖π_ref) term of the loss (the paper: 0.001); 0 builds no reference."""
+    agg: str = "token_mean"
+    """One of ``maye_pl.rl.LOSS_AGGREGATIONS``: "token_mean" over the minibatch's valid tokens, or
+    "seq_mean" (the mean over rows of each row's token mean)."""
+
+    def problems(self, key: str = "model.loss") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        problems = _unknown(f"{key}.agg", self.agg, rl.LOSS_AGGREGATIONS)
+        if not 0 <= self.clip_low < 1:
+            problems.append(f"`{key}.clip_low`={self.clip_low} must lie in [0, 1) (the ratio floor is 1 - it).")
+        if self.clip_high < 0:
+            problems.append(f"`{key}.clip_high`={self.clip_high} must be >= 0 (the ratio ceiling is 1 + it).")
+        return problems + _kl_coef(f"{key}.kl_coef", self.kl_coef)
+
+
+@dataclass(frozen=True)
+class PPOArgs:
+    """The update schedule of one rollout batch: epochs × minibatches × micro-batches."""
+
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    batch_size: int = 4
+    """Rows (responses) per minibatch on each rank; each minibatch is one optimizer step. It must
+    divide the rows per rank, ``data.batch_size`` × ``model.sampling.n``."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (a memory knob: the loss is the same for any value)."""
+
+    def problems(self, key: str = "model.ppo") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        problems = [
+            f"`{key}.{name}`={getattr(self, name)} must be at least 1."
+            for name in ("epochs", "batch_size", "gradient_accumulation_steps")
+            if getattr(self, name) < 1
+        ]
+        if min(self.batch_size, self.gradient_accumulation_steps) >= 1 and self.batch_size % self.gradient_accumulation_steps:
+            problems.append(
+                f"`{key}.gradient_accumulation_steps`={self.gradient_accumulation_steps} must divide "
+                f"`{key}.batch_size`={self.batch_size}; pick a divisor."
+            )
+        return problems
+
+
+@dataclass(frozen=True)
+class OffPolicyArgs:
+    """Importance weights π_old/π_behaviour of the sampled tokens, from the engine's log-probs
+    (decoupled PPO; ``maye_pl.rl.off_policy``)."""
+
+    correction: bool | None = None
+    """Weight each token's policy-gradient term by min(π_old/π_behaviour, ``high``). None: on for
+    rollouts sampled by an older policy (``rollout.max_staleness`` 1), off otherwise (MAYE); True
+    also corrects the engine/trainer numerics mismatch of on-policy rollouts (bf16 on GPUs)."""
+    high: float = 2.0
+    """C, the largest importance weight (truncated importance sampling)."""
+
+    def problems(self, key: str = "model.off_policy") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        if self.high <= 0:
+            return [f"`{key}.high`={self.high} must be > 0 (the largest importance weight)."]
+        return []
+
+
+@dataclass(frozen=True)
+class DynamicSamplingArgs:
+    """DAPO's dynamic sampling (arXiv 2503.14476 §3.2; ``maye_pl.rollout.dynamic_sampling``): groups
+    whose scores are all equal are dropped and more prompts are generated until the batch is full."""
+
+    enabled: bool = False
+    """Drop a prompt's G samples when their scores (after penalties) are all equal: under a group
+    estimator (grpo, dr_grpo) their advantage is 0. Extra prompts come from a per-(seed, step,
+    round) draw of the training split, so the epoch's order and an exact resume are kept."""
+    max_extra_rounds: int = 3
+    """Generation rounds after the step's batch, at most; when they run out, each rank fills its
+    batch with dropped groups (advantage 0), so every rank keeps ``data.batch_size`` prompts."""
+
+    def problems(self, key: str = "model.dynamic_sampling") -> list[str]:
+        """Every problem of these settings, each naming ``<key>.<field>``."""
+        if self.max_extra_rounds < 0:
+            return [f"`{key}.max_extra_rounds`={self.max_extra_rounds} must be >= 0 (0: drop nothing, refill nothing)."]
+        return []
+
+
+def cross_group_problems(advantages: AdvantageArgs, off_policy: OffPolicyArgs, sampling: SamplingConfig,
+                         dynamic_sampling: DynamicSamplingArgs = DynamicSamplingArgs()) -> list[str]:
+    """Problems that span groups of ReinforcePP's hyperparameters."""
     problems = []
-    if hp.ppo_batch_size % hp.gradient_accumulation_steps:
+    if dynamic_sampling.enabled and sampling.n < 2:
         problems.append(
-            f"`model.gradient_accumulation_steps`={hp.gradient_accumulation_steps} must divide "
-            f"`model.ppo_batch_size`={hp.ppo_batch_size}; pick a divisor."
+            f"`model.dynamic_sampling.enabled` drops groups whose G samples score alike, but "
+            f"`model.sampling.n`={sampling.n} makes every group one sample; set it to 2 or more."
         )
-    if hp.advantage_estimator not in rl.ADVANTAGE_ESTIMATORS:
+    if advantages.estimator in GROUP_ESTIMATORS and sampling.n < 2:
         problems.append(
-            f"`model.advantage_estimator`={hp.advantage_estimator!r} is unknown; "
-            f"choose one of {sorted(rl.ADVANTAGE_ESTIMATORS)}."
+            f"`model.advantages.estimator`={advantages.estimator!r} compares samples of the same "
+            f"prompt, but `model.sampling.n`={sampling.n}; set it to 2 or more."
         )
-    if hp.advantage_estimator in ("reinforce_pp_baseline", "grpo") and hp.sampling.n < 2:
+    if off_policy.correction and not sampling.logprobs:
         problems.append(
-            f"`model.advantage_estimator`={hp.advantage_estimator!r} compares samples of the same "
-            f"prompt, but `model.sampling.n`={hp.sampling.n}; set it to 2 or more."
-        )
-    if hp.loss_agg not in rl.LOSS_AGGREGATIONS:
-        problems.append(f"`model.loss_agg`={hp.loss_agg!r} must be one of {sorted(rl.LOSS_AGGREGATIONS)}.")
-    if not (hp.train_vit or hp.train_connector or hp.train_llm):
-        problems.append("`model.train_vit`, `train_connector` and `train_llm` are all false; nothing would train.")
-    if hp.behaviour_weight_cap <= 0:
-        problems.append(f"`model.behaviour_weight_cap`={hp.behaviour_weight_cap} must be > 0 (the largest importance weight).")
-    if hp.off_policy_correction and not hp.sampling.logprobs:
-        problems.append("`model.off_policy_correction` needs the engine's log-probs; set `model.sampling.logprobs` true.")
-    for name in ("ppo_epochs", "ppo_batch_size", "forward_batch_size", "gradient_accumulation_steps"):
-        if hp[name] < 1:
-            problems.append(f"`model.{name}`={hp[name]} must be at least 1.")
-    if hp.max_tokens_per_micro_batch is not None and hp.max_tokens_per_micro_batch < 1:
-        problems.append(
-            f"`model.max_tokens_per_micro_batch`={hp.max_tokens_per_micro_batch} must be a positive token count "
-            "(e.g. 16384), or null for row micro-batches."
+            "`model.off_policy.correction` needs the engine's log-probs; set `model.sampling.logprobs` true."
         )
     return problems

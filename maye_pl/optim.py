@@ -2,50 +2,66 @@
 
 Both modules step the optimizer themselves (manual optimization), so these are plain functions:
 ``build_adamw`` makes the AdamW optimizer and its warmup + cosine ``LambdaLR`` from the modules'
-``OPTIMIZER_ARGS`` (``optimizer_problems`` checks them), the schedule is a ``LambdaLR`` factor per
-optimizer step, the denominator is what makes a data-parallel token mean equal the token mean of
-one big batch.
+``model.lr`` and ``model.optim`` group (``OptimArgs``, which checks itself), the schedule is a
+``LambdaLR`` factor per optimizer step, the denominator is what makes a data-parallel token mean
+equal the token mean of one big batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-OPTIMIZER_ARGS = ("lr", "weight_decay", "adam_betas", "adam_eps", "warmup_steps", "warmup_ratio", "min_lr_ratio")
-"""The module arguments (``model.<name>``) that ``build_adamw`` and ``optimizer_problems`` read."""
 
+@dataclass(frozen=True)
+class OptimArgs:
+    """AdamW and its LR schedule, the ``model.optim`` group of ReinforcePP and SFT (the peak LR
+    is ``model.lr``, a top-level argument: it is the knob a sweep turns)."""
 
-def optimizer_problems(hparams: Mapping[str, Any]) -> list[str]:
-    """Every problem with the ``OPTIMIZER_ARGS`` in ``hparams``, each naming its ``model.`` key and the fix."""
-    problems = []
-    if not hparams["lr"] > 0:
-        problems.append(f"`model.lr`={hparams['lr']} must be positive.")
-    if hparams["weight_decay"] < 0:
-        problems.append(f"`model.weight_decay`={hparams['weight_decay']} must be >= 0.")
-    if len(hparams["adam_betas"]) != 2 or not all(0 <= beta < 1 for beta in hparams["adam_betas"]):
-        problems.append(f"`model.adam_betas`={list(hparams['adam_betas'])} must be two numbers in [0, 1).")
-    if not hparams["adam_eps"] > 0:
-        problems.append(f"`model.adam_eps`={hparams['adam_eps']} must be positive (AdamW divides by sqrt(v) + eps).")
-    warmup_steps, warmup_ratio = hparams["warmup_steps"], hparams["warmup_ratio"]
-    if warmup_steps is not None and warmup_ratio is not None:
-        problems.append(
-            f"`model.warmup_steps`={warmup_steps} and `model.warmup_ratio`={warmup_ratio} are both set; they "
-            "say the same thing two ways: set one and the other to null (e.g. `--model.warmup_ratio null`)."
-        )
-    if warmup_steps is not None and warmup_steps < 0:
-        problems.append(f"`model.warmup_steps`={warmup_steps} must be >= 0; use null for no warmup.")
-    if warmup_ratio is not None and not 0 <= warmup_ratio < 1:
-        problems.append(f"`model.warmup_ratio`={warmup_ratio} must lie in [0, 1) (a fraction of all optimizer steps).")
-    if not 0.0 <= hparams["min_lr_ratio"] <= 1.0:
-        problems.append(f"`model.min_lr_ratio`={hparams['min_lr_ratio']} must lie in [0, 1].")
-    return problems
+    weight_decay: float = 0.0
+    """AdamW weight decay (MAYE: 0.01)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (MAYE: 0.9, 0.95)."""
+    eps: float = 1e-8
+    """AdamW epsilon (MAYE: 1e-5, as large as a 7B model's clipped per-weight gradients)."""
+    warmup_steps: int | None = None
+    """Linear warmup in optimizer steps, then cosine decay; None = no warmup."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of all optimizer steps (MAYE: 0.1); excludes ``warmup_steps``."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of ``model.lr``."""
+    max_grad_norm: float | None = 1.0
+    """Clip the total gradient norm (over all shards) to this; None = no clipping."""
+
+    def problems(self, key: str = "model.optim") -> list[str]:
+        """Every problem of these settings, each naming its ``<key>.<field>``, the rule and the fix."""
+        problems = []
+        if self.weight_decay < 0:
+            problems.append(f"`{key}.weight_decay`={self.weight_decay} must be >= 0.")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            problems.append(f"`{key}.betas`={list(self.betas)} must be two numbers in [0, 1).")
+        if not self.eps > 0:
+            problems.append(f"`{key}.eps`={self.eps} must be positive (AdamW divides by sqrt(v) + eps).")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            problems.append(
+                f"`{key}.warmup_steps`={self.warmup_steps} and `{key}.warmup_ratio`={self.warmup_ratio} are both "
+                f"set; they say the same thing two ways: set one and the other to null (e.g. `--{key}.warmup_ratio null`)."
+            )
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"`{key}.warmup_steps`={self.warmup_steps} must be >= 0; use null for no warmup.")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            problems.append(f"`{key}.warmup_ratio`={self.warmup_ratio} must lie in [0, 1) (a fraction of all optimizer steps).")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"`{key}.min_lr_ratio`={self.min_lr_ratio} must lie in [0, 1].")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            problems.append(f"`{key}.max_grad_norm`={self.max_grad_norm} must be positive; use null for no clipping.")
+        return problems
 
 
 def warmup_length(warmup_steps: int | None, warmup_ratio: float | None, total_steps: int) -> int:
@@ -60,22 +76,22 @@ def warmup_length(warmup_steps: int | None, warmup_ratio: float | None, total_st
 
 
 def build_adamw(
-    parameters: Iterable[torch.nn.Parameter], hparams: Mapping[str, Any], total_steps: int
+    parameters: Iterable[torch.nn.Parameter], lr: float, optim: OptimArgs, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``parameters`` and its per-optimizer-step warmup + cosine schedule.
 
     Args:
         parameters: the trainable parameters.
-        hparams: the module's hyperparameters, read at ``OPTIMIZER_ARGS``.
+        lr: the peak learning rate.
+        optim: the rest of the optimizer's settings.
         total_steps: optimizer steps in the whole run (the cosine ends there; the warmup ratio's base).
     """
     optimizer = torch.optim.AdamW(
-        parameters, lr=hparams["lr"], betas=tuple(hparams["adam_betas"]), eps=hparams["adam_eps"],
-        weight_decay=hparams["weight_decay"],
+        parameters, lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
     total_steps = max(1, total_steps)
-    warmup = warmup_length(hparams["warmup_steps"], hparams["warmup_ratio"], total_steps)
-    schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=hparams["min_lr_ratio"])
+    warmup = warmup_length(optim.warmup_steps, optim.warmup_ratio, total_steps)
+    schedule = partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps, min_lr_ratio=optim.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

@@ -6,7 +6,7 @@ synchronous loop (``0``, MAYE's), in one invocation, through the real vLLM engin
 
 Settings (those of the TRL GRPOTrainer comparison in the README): the tiny random Qwen2.5-VL,
 8 prompts x 4 samples per step, 32 new tokens, one optimizer step per rollout batch
-(``ppo_batch_size`` 32), beta_loss 0.001 with a frozen reference, fp32, vision tower frozen.
+(``ppo.batch_size`` 32), beta_loss 0.001 with a frozen reference, fp32, vision tower frozen.
 Each mode runs ``--steps`` + ``--warmup`` generation steps in a fresh Trainer with a fresh engine;
 the first ``--warmup`` steps are not counted.
 
@@ -91,6 +91,7 @@ def parse_cores(text: str) -> set[int]:
 
 def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from maye_pl.data import MayeDataModule
+    from maye_pl.hparams import LossArgs, PPOArgs
     from maye_pl.module import ReinforcePP
     from maye_pl.types import SamplingConfig
     from maye_pl.rollout.callback import RolloutCallback
@@ -100,7 +101,7 @@ def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: a
     clock = StepClock(args.trainer_cores)
     module = ReinforcePP(
         str(model_dir), sampling=SamplingConfig(n=args.samples, max_tokens=args.max_tokens),
-        validate_before_fit=False, ppo_batch_size=args.prompts * args.samples, kl_loss_coef=0.001, lr=1e-5,
+        validate_before_fit=False, ppo=PPOArgs(batch_size=args.prompts * args.samples), loss=LossArgs(kl_coef=0.001), lr=1e-5,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,

@@ -65,7 +65,7 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
         "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
         "--model.validate_before_fit", "false", "--trainer.limit_val_batches", "0",
         "--data.batch_size", "2", "--model.sampling.n", "2", "--model.sampling.max_tokens", "12",
-        "--model.ppo_batch_size", "2", "--model.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
+        "--model.ppo.batch_size", "2", "--model.ppo.gradient_accumulation_steps", "1", "--model.lr", "1e-3",
         "--trainer.max_epochs", "1",
         "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", name,

@@ -50,9 +50,24 @@ def test_every_config_parses(config):
 def test_cli_overrides_reach_the_model():
     with pytest.raises(_Parsed) as parsed:
         _ParseOnlyCLI(args=["fit", "--config", str(REPO / "configs/demo.yaml"), "--model.lr", "1e-6",
-                            "--trainer.max_epochs", "3", "--rollout.engine", "hf"])
+                            "--trainer.max_epochs", "3", "--rollout.engine", "hf",
+                            "--model.ppo.batch_size", "16", "--model.loss.clip_high", "0.28"])
     fit = parsed.value.args[0].fit
     assert (fit.model.init_args.lr, fit.trainer.max_epochs, fit.rollout.engine) == (1e-6, 3, "hf")
+    # A group field overrides one value; the group's other fields keep the YAML's (demo: 2 micro-batches).
+    ppo, loss = fit.model.init_args.ppo, fit.model.init_args.loss
+    assert (ppo.batch_size, ppo.gradient_accumulation_steps, loss.clip_high, loss.clip_low) == (16, 2, 0.28, 0.2)
+
+
+def test_print_config_comments_give_each_group_field_its_help(capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        MayeCLI(args=["fit", "--config", str(REPO / "configs/demo.yaml"), "--print_config=comments"])
+    printed = capsys.readouterr().out
+    # The docstring under a field of a hyperparameter group (maye_pl/hparams.py, maye_pl/optim.py) is its help.
+    for help_line in ("# Passes over each rollout batch.", "# AdamW betas (MAYE: 0.9, 0.95).",
+                      "# C, the largest importance weight"):
+        assert help_line in printed
 
 
 @pytest.mark.parametrize(("config", "max_model_len", "train_max_tokens", "eval_max_tokens"), [

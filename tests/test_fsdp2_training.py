@@ -7,7 +7,7 @@ Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same globa
   - 1 process, no sharding, 4 prompts.
 Every training prompt is the same problem (distinct ids), so the data sampler's split of the batch
 over ranks cannot change what is generated: the engine sees the same 4 requests in the same order
-and samples the same responses. One minibatch per generation step (ppo_batch_size = all rows), so
+and samples the same responses. One minibatch per generation step (ppo.batch_size = all rows), so
 after two optimizer steps the policies must agree to 1e-5: this proves the prompt gather/scatter
 through rank 0, the global whitening of advantages, the global token-mean loss normaliser, the
 sharded reference model, DTensor gradient clipping and the weight streaming into the engine (the
@@ -53,13 +53,13 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
         "--model.model_path", str(model),
         "--data.train_path", str(train), "--data.val_path", "null", "--data.test_path", "null",
         "--model.validate_before_fit", "false", "--trainer.limit_val_batches", "0",
-        "--model.sampling.n", "2", "--model.gradient_accumulation_steps", "1",
+        "--model.sampling.n", "2", "--model.ppo.gradient_accumulation_steps", "1",
         # A dense reward and no length penalty, so every row's advantage differs (a batch of equal
         # scores whitens to zero advantages and would compare rounding noise).
         "--model.rewards", '[{"fn": "test_learning.letter_share_reward", "name": "letter"}]',
         "--model.reward_penalty", "null",
-        "--model.max_grad_norm", "0.05",  # below the gradient norm, so the sharded clipping really scales
-        "--model.lr", "1e-4", "--model.warmup_steps", "0",
+        "--model.optim.max_grad_norm", "0.05",  # below the gradient norm, so the sharded clipping really scales
+        "--model.lr", "1e-4", "--model.optim.warmup_steps", "0",
         "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.logger.init_args.version", name,
@@ -88,8 +88,8 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
     # safetensors bytes through the pipe.
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
                    "--trainer.strategy", "fsdp2", "--rollout.weight_transport", sharded_transport,
-                   "--data.batch_size", "2", "--model.ppo_batch_size", "4", config=config)
-    single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo_batch_size", "8",
+                   "--data.batch_size", "2", "--model.ppo.batch_size", "4", config=config)
+    single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo.batch_size", "8",
                   "--rollout.weight_transport", "pipe", config=config)
 
     assert sharded.is_dir() and single.is_file()  # a distributed (DCP) checkpoint vs one file

@@ -76,8 +76,8 @@ def _fit(tmp_path: Path, name: str, *extra: str, visible_gpus: str | None = None
         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--trainer.accelerator", "gpu", "--trainer.devices", "1",
         "--model.rewards", '[{"fn": "test_learning.letter_share_reward", "name": "letter"}]',
-        "--model.reward_penalty", "null", "--model.lr", "1e-3", "--model.warmup_steps", "0",
-        "--trainer.max_steps", "8",  # 32 rows / ppo_batch_size 8 = 4 optimizer steps per generation step
+        "--model.reward_penalty", "null", "--model.lr", "1e-3", "--model.optim.warmup_steps", "0",
+        "--trainer.max_steps", "8",  # 32 rows / ppo.batch_size 8 = 4 optimizer steps per generation step
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.logger.init_args.version", name,
         *extra,

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "strategies", "trajectory"),  # the data module; FSDP2 and weight streaming; the loss's inputs
     ("rollout", "evaluation"),  # engines and the rollout pipeline; metrics and the evaluation scheme
     ("checkpoints", "console", "export", "hparams", "optim", "preemption"),
+    ("policy_module",),  # what the LightningModules share
     ("module", "sft"),  # the LightningModules
     ("cli",),
     ("__main__",),

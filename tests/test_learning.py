@@ -18,6 +18,7 @@ import torch
 
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
+from maye_pl.hparams import LossArgs, PPOArgs
 from maye_pl.module import ReinforcePP
 from maye_pl.rewards import RewardTerm
 from maye_pl.rollout.callback import RolloutCallback
@@ -44,8 +45,8 @@ def test_reinforce_pp_raises_a_dense_reward_through_vllm(tiny_model_dir, tmp_pat
         sampling=SamplingConfig(n=4, max_tokens=16),
         rewards=[RewardTerm("test_learning.letter_share_reward", 1.0, "letter")],
         validate_before_fit=False,
-        ppo_batch_size=8,
-        kl_loss_coef=0.0,
+        ppo=PPOArgs(batch_size=8),
+        loss=LossArgs(kl_coef=0.0),
         lr=3e-2,
         reward_penalty=None,  # MAYE's no-EOS penalty would replace the letter reward of most rows
     )

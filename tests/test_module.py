@@ -13,7 +13,9 @@ import torch
 
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation.step_metrics import log_reflective_sample
+from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs
 from maye_pl.module import ReinforcePP
+from maye_pl.optim import OptimArgs
 from maye_pl.rewards import RewardTerm
 from maye_pl.types import Rollout, SamplingConfig
 
@@ -21,19 +23,24 @@ from maye_pl.types import Rollout, SamplingConfig
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
     with pytest.raises(ValueError) as info:
         ReinforcePP(
-            str(tiny_model_dir), ppo_batch_size=6, gradient_accumulation_steps=4,
-            advantage_estimator="grpo", sampling=SamplingConfig(n=1), loss_agg="sum", ppo_epochs=0,
-            adam_eps=0.0, warmup_steps=5, warmup_ratio=0.1, judge="maye",
+            str(tiny_model_dir), ppo=PPOArgs(epochs=0, batch_size=6, gradient_accumulation_steps=4),
+            advantages=AdvantageArgs(estimator="grpo"), sampling=SamplingConfig(n=1, logprobs=False),
+            loss=LossArgs(agg="sum", clip_low=1.0), off_policy=OffPolicyArgs(correction=True, high=0.0),
+            optim=OptimArgs(eps=0.0, warmup_steps=5, warmup_ratio=0.1), judge="maye", lr=0.0,
             rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")], max_tokens_per_micro_batch=0,
         )
     message = str(info.value)
     for expected in (
-        "`model.gradient_accumulation_steps`=4 must divide `model.ppo_batch_size`=6",
-        "`model.sampling.n`=1",
-        "`model.loss_agg`='sum'",
-        "`model.ppo_epochs`=0",
-        "`model.adam_eps`=0.0 must be positive",
-        "`model.warmup_steps`=5 and `model.warmup_ratio`=0.1 are both set",
+        "`model.ppo.gradient_accumulation_steps`=4 must divide `model.ppo.batch_size`=6",
+        "`model.advantages.estimator`='grpo' compares samples of the same prompt, but `model.sampling.n`=1",
+        "`model.ppo.epochs`=0 must be at least 1",
+        "`model.loss.agg`='sum' is unknown",
+        "`model.loss.clip_low`=1.0 must lie in [0, 1)",
+        "`model.off_policy.high`=0.0 must be > 0",
+        "`model.off_policy.correction` needs the engine's log-probs",
+        "`model.optim.eps`=0.0 must be positive",
+        "`model.optim.warmup_steps`=5 and `model.optim.warmup_ratio`=0.1 are both set",
+        "`model.lr`=0.0 must be positive",
         "`model.rewards[0].fn`='maye_pl.rewards.accuracy_reward' judges with another judge than `model.judge`='maye'",
         "`model.max_tokens_per_micro_batch`=0 must be a positive token count",
     ):
@@ -41,10 +48,10 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
 
 
 def test_reference_model_only_when_a_kl_coefficient_is_set(tiny_model_dir):
-    without = ReinforcePP(str(tiny_model_dir), kl_loss_coef=0.0, kl_reward_coef=0.0)
+    without = ReinforcePP(str(tiny_model_dir), loss=LossArgs(kl_coef=0.0), advantages=AdvantageArgs(kl_coef=0.0))
     without.configure_model()
     assert without.ref_policy is None
-    with_ref = ReinforcePP(str(tiny_model_dir), kl_loss_coef=0.001)
+    with_ref = ReinforcePP(str(tiny_model_dir), loss=LossArgs(kl_coef=0.001))
     with_ref.configure_model()
     assert with_ref.ref_policy is not None
     assert not any(p.requires_grad for p in with_ref.ref_policy.parameters())
@@ -59,7 +66,7 @@ def prompt_batch(tiny_model_dir, tmp_path_factory):
 
 
 def test_trajectory_masks_penalties_rewards_and_advantages(tiny_model_dir, prompt_batch):
-    module = ReinforcePP(str(tiny_model_dir), sampling=SamplingConfig(n=2, max_tokens=8), ppo_batch_size=2)
+    module = ReinforcePP(str(tiny_model_dir), sampling=SamplingConfig(n=2, max_tokens=8), ppo=PPOArgs(batch_size=2))
     module.configure_model()
     tokenizer = module.processor.tokenizer
     stop = module.stop_token_ids[0]

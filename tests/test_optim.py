@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from maye_pl.optim import build_adamw, tokens_per_rank, warmup_cosine, warmup_length
+from maye_pl.optim import OptimArgs, build_adamw, tokens_per_rank, warmup_cosine, warmup_length
 
 
 def test_warmup_then_cosine_to_the_floor():
@@ -33,9 +33,8 @@ def test_warmup_ratio_counts_steps_as_maye_and_adamw_takes_every_setting():
     # rounding), and ceil(2.5) = 3 steps of 25 (steps 0, 1, 2 < 2.5).
     assert warmup_length(None, 0.1, 3200) == 320 and warmup_length(None, 0.1, 25) == 3
     assert warmup_length(7, None, 3200) == 7 and warmup_length(None, None, 3200) == 0
-    hparams = {"lr": 5e-6, "weight_decay": 0.01, "adam_betas": [0.9, 0.95], "adam_eps": 1e-5,
-               "warmup_steps": None, "warmup_ratio": 0.1, "min_lr_ratio": 0.0}
-    optimizer, scheduler = build_adamw([torch.nn.Parameter(torch.zeros(2))], hparams, total_steps=40)
+    optim = OptimArgs(weight_decay=0.01, betas=(0.9, 0.95), eps=1e-5, warmup_ratio=0.1)
+    optimizer, scheduler = build_adamw([torch.nn.Parameter(torch.zeros(2))], 5e-6, optim, total_steps=40)
     group = optimizer.param_groups[0]
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-5, 0.01)
     lrs = []

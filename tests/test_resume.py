@@ -164,7 +164,7 @@ VALIDATING = ["--data.val_path", "geo/validation.jsonl", "--trainer.limit_val_ba
         # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
         # (The synchronous 2-rank layout passes too; left out for the suite's time.)
         (["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-          "--data.batch_size", "1", "--model.ppo_batch_size", "1"], "SIGTERM"),
+          "--data.batch_size", "1", "--model.ppo.batch_size", "1"], "SIGTERM"),
     ],
     ids=["one-process-validating", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
 )

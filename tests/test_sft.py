@@ -23,6 +23,7 @@ import torch
 from maye_pl.cli import main as maye_pl_main
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
+from maye_pl.optim import OptimArgs
 from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.sft import SFT
 
@@ -41,10 +42,10 @@ def _trainer(**kwargs) -> pl.Trainer:
 
 def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
     with pytest.raises(ValueError) as info:
-        SFT(str(tiny_model_dir), train_llm=False, forward_batch_size=0, min_lr_ratio=2.0, max_grad_norm=0.0)
+        SFT(str(tiny_model_dir), train_llm=False, forward_batch_size=0, optim=OptimArgs(min_lr_ratio=2.0, max_grad_norm=0.0))
     message = str(info.value)
-    for expected in ("nothing would train", "`model.forward_batch_size`=0", "`model.min_lr_ratio`=2.0",
-                     "`model.max_grad_norm`=0.0"):
+    for expected in ("nothing would train", "`model.forward_batch_size`=0", "`model.optim.min_lr_ratio`=2.0",
+                     "`model.optim.max_grad_norm`=0.0"):
         assert expected in message
 
 
@@ -55,7 +56,7 @@ def _reference_nll(module: SFT, batch: list[dict]) -> tuple[float, list[int]]:
     for sample in batch:
         prompt = module.processor(text=[sample["prompt"]], images=[sample["image"]], return_tensors="pt",
                                   return_mm_token_type_ids=True)
-        target = torch.tensor(tokenizer.encode(sample["solution"], add_special_tokens=False) + [module.stop_token_id])
+        target = torch.tensor(tokenizer.encode(sample["solution"], add_special_tokens=False) + [module.stop_token_ids[0]])
         P, T = prompt["input_ids"].shape[1], len(target)
         with torch.no_grad():
             logits = module.policy(
@@ -92,7 +93,7 @@ def test_a_few_steps_overfit_eight_samples(tiny_model_dir, train_path, tmp_path)
     pl.seed_everything(0)
     data = MayeDataModule(train_path, batch_size=8, processor_path=tiny_model_dir)
     # A constant LR (min_lr_ratio=1): this is about learning, not the schedule.
-    module = SFT(str(tiny_model_dir), lr=5e-3, min_lr_ratio=1.0, forward_batch_size=8)
+    module = SFT(str(tiny_model_dir), lr=5e-3, optim=OptimArgs(min_lr_ratio=1.0), forward_batch_size=8)
     trainer = _trainer(max_steps=6, log_every_n_steps=1, logger=pl.loggers.CSVLogger(tmp_path),
                        callbacks=[MetricsFileCallback()])
     trainer.fit(module, data)

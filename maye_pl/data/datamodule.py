@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -293,6 +294,19 @@ class MayeDataModule(L.LightningDataModule):
             return None
         dataset = self.datasets["train"]
         items = [dataset[index] for index in sampler.batch_indices(epoch, position, self.batch_size)]
+        return self._collator()(items)
+
+    def draw_train_prompts(self, seed: int, start: int, count: int, exclude: set[str]) -> list[dict]:
+        """``count`` training prompts from position ``start`` of the split's permutation by ``seed``,
+        skipping the ids in ``exclude`` (past the end it wraps around); the loader does not move.
+
+        DAPO's dynamic sampling draws its extra prompts here (``maye_pl.rollout.dynamic_sampling``):
+        a function of (seed, start, exclude) only, so a resumed run draws the same ones.
+        """
+        dataset = self.datasets["train"]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        allowed = [index for index in order if dataset.samples[index].id not in exclude] or order
+        items = [dataset[allowed[(start + i) % len(allowed)]] for i in range(count)]
         return self._collator()(items)
 
     def _collator(self) -> PromptCollator:

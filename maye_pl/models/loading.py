@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from maye_pl.models.adapters import adapter_for
+from maye_pl.models.lora import LoraArgs, apply_lora, has_lora, reapply_lora
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 """The dtypes a policy, the engine or FSDP2 compute in, by the names configs and command lines use."""
@@ -79,6 +80,7 @@ def build_policy_and_reference(
     gradient_checkpointing: bool,
     with_reference: bool,
     on_meta: bool,
+    lora: LoraArgs | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """The trainable policy and, when asked, a frozen copy of it (the KL reference).
 
@@ -91,6 +93,8 @@ def build_policy_and_reference(
         with_reference: also build the frozen reference (eval mode, no gradients).
         on_meta: build on the meta device with no weights (``init_empty_pretrained``), for
             FSDP2Strategy to shard first and then load on rank 0 only; else load on the CPU.
+        lora: adapters instead of full training for its parts (``maye_pl.models.lora``); the
+            reference is then the policy with its adapters off, so ask for none.
 
     Returns:
         (policy in train mode, reference or None).
@@ -98,6 +102,8 @@ def build_policy_and_reference(
     build = init_empty_pretrained if on_meta else load_policy
     policy = build(path, dtype=dtype, attn_implementation=attn_implementation)
     freeze_modules(policy, train_vit=train_vit, train_connector=train_connector, train_llm=train_llm)
+    if lora is not None and lora.enabled:
+        apply_lora(policy, lora)
     if gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
@@ -183,7 +189,8 @@ def load_pretrained_weights(
     Collective when a process group exists: every rank calls it. Rank 0 reads the checkpoint with
     ``from_pretrained`` on the CPU (so HF's key renaming between the on-disk and in-memory names
     applies) and broadcasts each tensor; the other ranks never hold more than their shards plus
-    one tensor in flight.
+    one tensor in flight. A model with LoRA adapters gets its adapters' first values the same way:
+    rank 0 puts the same adapters on its copy (``reapply_lora``: the same draw as in one process).
 
     Args:
         model: built by ``init_empty_pretrained`` (then sharded, or not).
@@ -202,7 +209,10 @@ def load_pretrained_weights(
     distributed = dist.is_available() and dist.is_initialized()
     full_state: dict[str, torch.Tensor] = {}
     if not distributed or dist.get_rank() == 0:
-        full_state = type(model).from_pretrained(path, dtype=dtype).state_dict()
+        full = type(model).from_pretrained(path, dtype=dtype)
+        if has_lora(model):
+            reapply_lora(model, full)
+        full_state = full.state_dict()
     if distributed:
         set_model_state_dict(
             model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)

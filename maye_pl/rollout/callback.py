@@ -16,6 +16,7 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
 from maye_pl.rollout.base import RolloutEngine
+from maye_pl.rollout.dynamic_sampling import DynamicSampling, FillStats
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
@@ -36,9 +37,11 @@ class RolloutCallback(pl.Callback):
             whose weights start stale, so the current (possibly checkpoint-restored) weights reach
             the engines before the first rollout.
         ``on_train_batch_start`` (generation step k): ``RolloutPipeline.rollouts_for_step`` (wait,
-            sync stale weights, submit batches k .. k+``max_staleness``, resolve batch k; later
-            batches come from the data module's ``peek_train_batch``); logs its ``perf/``
-            metrics. Skipped when the module's ``sampling`` is None (the SFT baseline).
+            sync stale weights, submit and resolve batch k, DAPO's dynamic sampling when the
+            module's ``dynamic_sampling`` is enabled (scores by ``score_rollouts``, extra prompts
+            from the data module's ``draw_train_prompts``), submit batches k+1 .. k+``max_staleness``
+            from the data module's ``peek_train_batch``); logs its ``perf/`` (and dynamic
+            sampling's ``rollout/``) metrics. Skipped when the module's ``sampling`` is None (the SFT baseline).
         ``on_train_batch_end``: marks the weights stale (the optimizer stepped).
         ``on_validation_batch_start`` / ``on_test_batch_start``: syncs stale weights, then one
             pipeline call per eval setting. For Reinforce++ a sync follows every training batch;
@@ -46,9 +49,10 @@ class RolloutCallback(pl.Callback):
         ``teardown`` / ``on_exception``: shuts the engine down (no orphan processes).
 
     Reads on the module: ``requests(batch)``, ``sampling`` (SamplingConfig or None),
-    ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``. Writes on the module:
-    ``rollout_queue`` (this callback's ``RolloutQueue``: the module takes batch k's N = B*G
-    rollouts from it, request-major) and ``eval_rollouts`` (setting name → B*k rollouts).
+    ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``, and when present
+    ``dynamic_sampling`` and ``score_rollouts(prompts, rollouts)``. Writes on the module:
+    ``rollout_queue`` (this callback's ``RolloutQueue``: the module takes batch k's B prompts and
+    N = B*G rollouts from it, request-major) and ``eval_rollouts`` (setting name → B*k rollouts).
 
     Saved state: the rollouts submitted ahead that no step has trained on yet
     (``RolloutPipeline.state_dict``), so that a resumed run trains on what the uninterrupted run
@@ -237,9 +241,29 @@ class RolloutCallback(pl.Callback):
             sampling=pl_module.sampling,
             policy_version=trainer.global_step,
             peek=lambda ahead: self._peek(trainer, batch_idx, ahead),
+            dynamic=self._dynamic_sampling(trainer, pl_module),
         )
         self._log_sync(trainer, pl_module, step.sync, batch_size=len(batch))
         pl_module.log_dict(_perf_metrics(step), batch_size=len(batch))
+        if step.refill is not None:
+            pl_module.log_dict(_dynamic_sampling_metrics(step.refill), batch_size=len(batch))
+
+    @staticmethod
+    def _dynamic_sampling(trainer: pl.Trainer, pl_module: Any) -> DynamicSampling | None:
+        """DAPO's dynamic sampling when the module asks for it (``model.dynamic_sampling``)."""
+        settings = getattr(pl_module, "dynamic_sampling", None)
+        if settings is None or not settings.enabled:
+            return None
+        if not hasattr(trainer.datamodule, "draw_train_prompts"):
+            raise ValueError(
+                f"`model.dynamic_sampling.enabled` draws extra training prompts, which needs a data module with "
+                f"`draw_train_prompts` (MayeDataModule); {type(trainer.datamodule).__name__} has none."
+            )
+        return DynamicSampling(
+            group_size=pl_module.sampling.n, max_extra_rounds=settings.max_extra_rounds,
+            scores=lambda prompts, rollouts: pl_module.score_rollouts(prompts, rollouts)[0].cpu(),
+            draw=trainer.datamodule.draw_train_prompts,
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.pipeline.weights_stale = True
@@ -277,6 +301,15 @@ class RolloutCallback(pl.Callback):
             )
             for setting in pl_module.eval_settings
         }
+
+
+def _dynamic_sampling_metrics(stats: FillStats) -> dict[str, float]:
+    """Dynamic sampling's ``rollout/`` metrics of one step, over all ranks."""
+    return {
+        "rollout/dynamic_rounds": float(stats.rounds),
+        "rollout/kept_group_ratio": stats.kept_groups / stats.generated_groups,
+        "rollout/filled_groups": float(stats.filled_groups),
+    }
 
 
 def _perf_metrics(step: StepRollouts) -> dict[str, float]:

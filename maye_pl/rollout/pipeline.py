@@ -6,16 +6,21 @@ Per generation step k (``rollouts_for_step``), on every rank:
     1. wait     for what the engines still generate (batch k, submitted a step ago): it keeps the
                 weights it was submitted with, and waiting first times the wait and the sync apart
     2. sync     stale weights into every engine, one transaction per engine (``sync_weights``)
-    3. submit   batches k .. k + max_staleness not yet in flight: each group's ranks send their
-                prompts to the group's owner, which queues them in its engine in one call
+    3. submit   batch k unless it is in flight: each group's ranks send their prompts to the
+                group's owner, which queues them in its engine in one call
     4. resolve  batch k: each owner waits for its engine and sends each rank of its group its own
-                rollouts; they go into the ``RolloutQueue`` the module takes them from
+                rollouts
+    5. refill   (DAPO's dynamic sampling, ``dynamic_sampling.fill_batch``) groups whose scores are
+                all equal are dropped and more prompts are generated in extra rounds
+    6. ahead    batches k+1 .. k + max_staleness not yet in flight are submitted (after the extra
+                rounds, which would otherwise wait behind them); batch k's prompts and rollouts go
+                into the ``RolloutQueue`` the module takes them from
 
 Engines and rank groups: ``groups.EngineGroups`` (K contiguous groups per node, each group's first
 rank owns the group's engine; one engine = one group of all ranks). Seeds: an engine's call
 carries ``SamplingConfig.request_offset``, the index of its first request among all ranks'
-requests of the step, so every sample's stream is (seed, step, global request, sample), whichever
-engine draws it.
+requests of the step (extra rounds continue the count), so every sample's stream is (seed, step,
+global request, sample), whichever engine draws it.
 
 Saved state (``state_dict``): the batches submitted ahead that no step has trained on yet,
 resolved and gathered to global rank 0, so that a resumed run trains on exactly the rollouts the
@@ -28,14 +33,17 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
 from torch import nn
 
 from maye_pl.rollout.base import RolloutEngine
+from maye_pl.rollout.dynamic_sampling import DynamicSampling, FillStats, fill_batch
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.queue import RolloutQueue, Submission
+from maye_pl.rollout.seeds import sampling_seed
 from maye_pl.strategies.weight_sync import SyncStats, WeightSyncPlan, sync_weights
 from maye_pl.types import ResolvedHandle, Rollout, RolloutRequest, SamplingConfig
 
@@ -44,8 +52,11 @@ from maye_pl.types import ResolvedHandle, Rollout, RolloutRequest, SamplingConfi
 class StepRollouts:
     """What ``rollouts_for_step`` did for one generation step (for the ``perf/`` metrics)."""
 
+    prompts: list[dict]
+    """This rank's B prompts trained on: the step's batch, or with dynamic sampling its kept groups'
+    prompts and the extra rounds' (also put in the queue)."""
     rollouts: list[Rollout]
-    """This rank's N = B*G rollouts, request-major (also put in the queue)."""
+    """This rank's N = B*G rollouts of ``prompts``, request-major (also put in the queue)."""
     wait_s: float
     """Seconds this rank waited for rollouts (steps 1 and 4)."""
     engine_seconds: list[float]
@@ -54,6 +65,8 @@ class StepRollouts:
     """Response tokens all engines generated for the step."""
     sync: SyncStats | None
     """The weight sync of step 2, None when the weights were fresh."""
+    refill: FillStats | None = None
+    """Dynamic sampling's rounds and groups (step 5), None without it."""
 
 
 class RolloutPipeline:
@@ -114,6 +127,7 @@ class RolloutPipeline:
         sampling: SamplingConfig,
         policy_version: int,
         peek: Callable[[int], list[dict] | None],
+        dynamic: DynamicSampling | None = None,
     ) -> StepRollouts:
         """This rank's rollouts of generation step ``step`` (see the module docstring's steps).
 
@@ -125,6 +139,7 @@ class RolloutPipeline:
             sampling: the training sampling settings (seed, step and offset are set here).
             policy_version: optimizer steps taken, stamped on what is submitted now.
             peek: ``peek(a)`` is this rank's batch ``a`` steps ahead, None past the run's end.
+            dynamic: DAPO's dynamic sampling (step 5); None keeps every group.
         """
         # Step 1 - wait: batch k, submitted a step ago, samples with the weights it was sent with.
         start = time.perf_counter()
@@ -134,36 +149,57 @@ class RolloutPipeline:
         wait_s = time.perf_counter() - start
         # Step 2 - sync: the engines get the newest weights before anything new is submitted.
         sync = self.sync_weights(policy)
-        # Step 3 - submit: batches k .. k+s not already in flight (submitted earlier, or restored).
-        for ahead in range(self.max_staleness + 1):
-            if step + ahead in self.queue.submitted:
-                continue
-            batch = prompts if ahead == 0 else peek(ahead)
-            if batch is None:  # the run ends before that batch
-                break
-            self.submit(step + ahead, batch, make_requests(batch), sampling, policy_version)
+        # Step 3 - submit: batch k, unless in flight (submitted a step ago, or restored).
+        if step not in self.queue.submitted:
+            self.submit(step, prompts, make_requests(prompts), sampling, policy_version)
         # Step 4 - resolve: each owner waits for its engine, each rank gets its own share.
         start = time.perf_counter()
-        rollouts, engine_seconds, tokens = self._resolve(step, prompts)
+        rollouts, engine_seconds, tokens = self._resolve(self.queue.submitted.pop(step), step, prompts)
         wait_s += time.perf_counter() - start
-        self.queue.put_ready(step, rollouts)
-        return StepRollouts(rollouts, wait_s, engine_seconds, tokens, sync)
+        # Step 5 - refill: drop the groups whose scores are all equal, generate more in extra rounds.
+        refill = None
+        if dynamic is not None:
+            start = time.perf_counter()
+            first_request = sum(self.comm.all_gather(len(prompts)))  # round 0's requests, all ranks
+            send = partial(self._send, step, sampling=sampling, policy_version=policy_version)
+            prompts, rollouts, refill = fill_batch(
+                prompts, rollouts, dynamic, self.comm,
+                generate=lambda extra, request: self._resolve(send(extra, make_requests(extra), request), step, extra),
+                draw_seed=lambda round_: sampling_seed(self.seed, step, round_, 0), first_request=first_request,
+            )
+            wait_s += time.perf_counter() - start
+            if len(refill.engine_seconds) == len(engine_seconds):  # each engine's time over all rounds
+                engine_seconds = [a + b for a, b in zip(engine_seconds, refill.engine_seconds)]
+            tokens += refill.tokens
+        # Step 6 - ahead: batches k+1 .. k+s not already in flight, behind the extra rounds.
+        for ahead in range(1, self.max_staleness + 1):
+            batch = None if step + ahead in self.queue.submitted else peek(ahead)
+            if batch is not None:  # None: in flight, or the run ends before that batch
+                self.submit(step + ahead, batch, make_requests(batch), sampling, policy_version)
+        self.queue.put_ready(step, prompts, rollouts)
+        return StepRollouts(prompts, rollouts, wait_s, engine_seconds, tokens, sync, refill)
 
     def submit(self, step: int, prompts: list[dict], requests: list[RolloutRequest], sampling: SamplingConfig,
                policy_version: int) -> None:
         """Queue generation step ``step``'s prompts in the engines; returns at once. All ranks call."""
+        self.queue.submitted[step] = self._send(step, prompts, requests, sampling=sampling, policy_version=policy_version)
+
+    def _send(self, step: int, prompts: list[dict], requests: list[RolloutRequest], first_request: int = 0, *,
+              sampling: SamplingConfig, policy_version: int) -> Submission:
+        """Every rank's ``prompts`` to its group's owner, queued in its engine as requests
+        ``first_request``, ... of the step (numbered over all ranks); returns at once. All ranks call."""
         prompt_ids = self.comm.all_gather([sample["id"] for sample in prompts])  # every rank's, rank order
         gathered = self.comm.gather_to_owner(requests)
         handle = None
         if self.engine is not None:
-            offset = sum(len(ids) for ids in prompt_ids[: self.comm.owner])  # requests of the ranks before
+            offset = first_request + sum(len(ids) for ids in prompt_ids[: self.comm.owner])  # the ranks before
             call = replace(sampling, seed=self.seed, step=step, request_offset=offset)
-            handle = self.engine.submit([r for part in gathered for r in part], call, policy_version=policy_version)
-        self.queue.submitted[step] = Submission(prompt_ids, handle)
+            mine = [r for part in gathered for r in part]
+            handle = self.engine.submit(mine, call, policy_version=policy_version) if mine else ResolvedHandle([], 0.0)
+        return Submission(prompt_ids, handle)
 
-    def _resolve(self, step: int, prompts: list[dict]) -> tuple[list[Rollout], list[float], int]:
-        """(this rank's rollouts of ``step``, each engine's seconds where known, all engines' tokens)."""
-        submission = self.queue.submitted[step]
+    def _resolve(self, submission: Submission, step: int, prompts: list[dict]) -> tuple[list[Rollout], list[float], int]:
+        """(this rank's rollouts of ``submission``, each engine's seconds where known, all engines' tokens)."""
         ids = [sample["id"] for sample in prompts]
         if submission.prompt_ids[self.comm.rank] != ids:
             raise RuntimeError(

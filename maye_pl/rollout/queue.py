@@ -29,16 +29,17 @@ class RolloutQueue:
 
     def __init__(self) -> None:
         self.submitted: dict[int, Submission] = {}
-        self._ready: dict[int, list[Rollout]] = {}
+        self._ready: dict[int, tuple[list[dict], list[Rollout]]] = {}
 
-    def put_ready(self, generation_step: int, rollouts: list[Rollout]) -> None:
-        """This rank's rollouts for ``generation_step`` (the submission is done with)."""
+    def put_ready(self, generation_step: int, prompts: list[dict], rollouts: list[Rollout]) -> None:
+        """This rank's B prompts and their B*G rollouts for ``generation_step`` (the submission is
+        done with). The prompts are the loader's batch, or what dynamic sampling kept of it and drew."""
         self.submitted.pop(generation_step, None)
-        self._ready[generation_step] = rollouts
+        self._ready[generation_step] = (prompts, rollouts)
 
-    def take(self, generation_step: int, expected: int) -> list[Rollout]:
-        """This rank's N = B*G rollouts for ``generation_step``; each batch is taken once."""
-        rollouts = self._ready.pop(generation_step, None)
+    def take(self, generation_step: int, expected: int) -> tuple[list[dict], list[Rollout]]:
+        """This rank's B prompts and N = B*G rollouts for ``generation_step``; each batch is taken once."""
+        prompts, rollouts = self._ready.pop(generation_step, (None, None))
         if rollouts is None or len(rollouts) != expected:
             got = "none" if rollouts is None else len(rollouts)
             raise RuntimeError(
@@ -46,7 +47,7 @@ class RolloutQueue:
                 f"before training_step, got {got}; the CLI adds the callback — when building a Trainer by "
                 "hand, add `maye_pl.rollout.callback.RolloutCallback` to its callbacks."
             )
-        return rollouts
+        return prompts, rollouts
 
     def clear(self) -> None:
         self.submitted.clear()

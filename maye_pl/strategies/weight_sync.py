@@ -12,6 +12,10 @@ rank 0 holds exactly one full tensor in flight, other ranks only send their shar
 gloo's all-gather stages it in a second buffer (2x, measured); it remains the path for any other
 layout (e.g. tensor parallel).
 
+LoRA (``maye_pl.models.lora``): the engine runs the plain model, so a layer with adapters is sent
+as one tensor, W + s · B @ A under W's HF name, merged on the receiving ranks after W, A and B are
+gathered; its adapters train, so it is sent on every sync although W itself is frozen.
+
 Several engines (one per engine group, each driven by its group's first rank): the shards are
 still gathered once, onto global rank 0, which then broadcasts each full tensor to the other
 engine owners over their own process group (``Relay``); every owner pushes the same buckets into
@@ -24,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,11 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-# Name segments wrappers insert into ``named_parameters()`` that HF's state_dict does not have:
-# activation checkpointing, FSDP1-style wrapping, torch.compile.
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
-
+from maye_pl.models.lora import lora_layers, merge_weight
 from maye_pl.types import NamedTensors
+
+# Name segments wrappers insert into ``named_parameters()`` that HF's state_dict does not have:
+# activation checkpointing, FSDP1-style wrapping, torch.compile, peft's LoRA layer (its wrapped Linear).
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.", "base_layer.")
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,47 @@ def _gather_rows(param: DTensor, dst_rank: int) -> torch.Tensor | None:
     return full
 
 
+@dataclass(frozen=True)
+class EngineTensor:
+    """One tensor the engine loads: a parameter, or a LoRA layer's merged weight."""
+
+    name: str
+    """Its HF name."""
+    sources: tuple[torch.Tensor, ...]
+    """The parameters it is computed from (plain tensors or DTensor shards): W, or W, A, B."""
+    merge: Callable[..., torch.Tensor] | None = None
+    """Full ``sources`` -> the tensor; None: the one source as it is."""
+
+    @property
+    def trainable(self) -> bool:
+        """Whether it changes during training (a frozen tensor needs sending once)."""
+        return any(source.requires_grad for source in self.sources)
+
+
+def engine_tensors(model: nn.Module) -> Iterator[EngineTensor]:
+    """What the engine loads of ``model``, in ``named_parameters()`` order: every parameter under its
+    HF name, except that a LoRA layer's W, A and B are one tensor W + s · B @ A under W's name."""
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name, layer in lora_layers(model):
+        (adapter,) = layer.active_adapters
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        merged[f"{name}.base_layer.weight"] = (lora_a, lora_b, layer.scaling[adapter])
+    adapters = {id(tensor) for lora_a, lora_b, _ in merged.values() for tensor in (lora_a, lora_b)}
+    for raw_name, param in model.named_parameters():
+        if id(param) in adapters:
+            continue
+        if raw_name in merged:
+            lora_a, lora_b, scaling = merged[raw_name]
+            yield EngineTensor(hf_name(raw_name), (param, lora_a, lora_b), partial(merge_weight, scaling=scaling))
+        else:
+            yield EngineTensor(hf_name(raw_name), (param,))
+
+
 def iter_full_parameters(
     model: nn.Module,
     *,
     bucket_bytes: int,
-    names_filter: Callable[[str, torch.Tensor], bool] | None = None,
+    names_filter: Callable[[str, bool], bool] | None = None,
     dst_rank: int = 0,
     relay: Relay | None = None,
 ) -> Iterator[NamedTensors]:
@@ -123,7 +165,8 @@ def iter_full_parameters(
     Every rank of the model's mesh must exhaust this iterator (each sharded parameter is gathered
     from all ranks). On ``dst_rank`` it yields lists of ``(hf_name, full_tensor)``; on other
     ranks it yields nothing, but sends its shards. Parameters are visited in
-    ``named_parameters()`` order (tied parameters once, under their first name).
+    ``named_parameters()`` order (tied parameters once, under their first name); a LoRA layer's
+    W, A and B come as one merged tensor (``engine_tensors``).
 
     Memory: a bucket holds at most ``bucket_bytes`` (a single larger parameter travels alone),
     and each yielded list is emptied when the iterator resumes, so the caller need not drop its
@@ -137,8 +180,8 @@ def iter_full_parameters(
     Args:
         model: an FSDP2-sharded or plain module (e.g. the HF policy).
         bucket_bytes: the most bytes of full tensors held at once (> 0).
-        names_filter: ``(hf_name, param) -> bool``; only parameters it accepts are gathered. It
-            must answer the same on every rank (decide on names and ``requires_grad``, never on
+        names_filter: ``(hf_name, trainable) -> bool``; only tensors it accepts are gathered. It
+            must answer the same on every rank (decide on names and trainability, never on
             shard contents).
         dst_rank: the global rank that gathers the tensors.
         relay: more ranks that receive each tensor from ``dst_rank`` (the same buckets).
@@ -147,18 +190,18 @@ def iter_full_parameters(
         raise ValueError(f"iter_full_parameters: bucket_bytes={bucket_bytes} must be > 0; pass e.g. 256 * 2**20.")
     bucket: NamedTensors = []
     held = 0
-    for raw_name, param in model.named_parameters():
-        name = hf_name(raw_name)
-        if names_filter is not None and not names_filter(name, param):
+    for tensor in engine_tensors(model):
+        if names_filter is not None and not names_filter(tensor.name, tensor.trainable):
             continue
-        nbytes = param.numel() * param.element_size()  # the FULL size: a DTensor's numel is global
+        base = tensor.sources[0]
+        nbytes = base.numel() * base.element_size()  # the FULL size: a DTensor's numel is global
         if bucket and held + nbytes > bucket_bytes:
             yield bucket
             bucket.clear()  # frees the tensors even while the caller still holds the list
             bucket, held = [], 0
-        full = _gather_full(param, dst_rank, relay)
-        if full is not None:
-            bucket.append((name, full))
+        full = [_gather_full(source, dst_rank, relay) for source in tensor.sources]
+        if full[0] is not None:
+            bucket.append((tensor.name, tensor.merge(*full) if tensor.merge is not None else full[0]))
             held += nbytes
     if bucket:
         yield bucket
@@ -177,9 +220,9 @@ class WeightSyncPlan:
     sent_frozen: set[str] = field(default_factory=set)
     """HF names of frozen parameters already sent."""
 
-    def wants(self, name: str, param: torch.Tensor) -> bool:
+    def wants(self, name: str, trainable: bool) -> bool:
         """The ``names_filter`` for ``iter_full_parameters``."""
-        return param.requires_grad or name not in self.sent_frozen
+        return trainable or name not in self.sent_frozen
 
 
 @dataclass(frozen=True)
@@ -229,9 +272,9 @@ def sync_weights(
         )
     frozen_selected: list[str] = []
 
-    def select(name: str, param: torch.Tensor) -> bool:
-        wanted = plan is None or plan.wants(name, param)
-        if wanted and not param.requires_grad:
+    def select(name: str, trainable: bool) -> bool:
+        wanted = plan is None or plan.wants(name, trainable)
+        if wanted and not trainable:
             frozen_selected.append(name)
         return wanted
 

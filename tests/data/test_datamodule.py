@@ -124,3 +124,20 @@ def test_bad_splits_stop_fit_before_any_step(tiny_model_dir, geo, tmp_path):
         trainer.fit(policy, datamodule=dm)
     assert policy.steps == 0
     assert [p.split(": ")[0] for p in info.value.problems] == [f"{bad_val}:1", str(bad_test)]
+
+
+def test_draw_train_prompts_is_a_seeded_slice_that_skips_what_was_seen(tiny_model_dir, geo):
+    """DAPO's extra prompts: a function of (seed, start, count, excluded ids); consecutive slices
+    of one draw are disjoint (the ranks' shares); the loader does not move."""
+    dm = _module(tiny_model_dir, geo)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    ids = lambda prompts: [p["id"] for p in prompts]  # noqa: E731
+    first = ids(dm.draw_train_prompts(seed=5, start=0, count=6, exclude=set()))
+    assert first == ids(dm.draw_train_prompts(seed=5, start=0, count=6, exclude=set()))
+    assert first != ids(dm.draw_train_prompts(seed=6, start=0, count=6, exclude=set()))
+    assert len(set(first)) == 6 and all(p["prompt"].count(VISION) == 1 for p in dm.draw_train_prompts(5, 0, 2, set()))
+    # Rank 1's slice follows rank 0's; excluded ids are skipped, the rest keeps its order.
+    assert ids(dm.draw_train_prompts(5, 0, 2, set())) + ids(dm.draw_train_prompts(5, 2, 4, set())) == first
+    assert ids(dm.draw_train_prompts(5, 0, 4, set(first[:2]))) == first[2:]
+    assert dm.train_sampler.consumed == 0 and len(next(iter(loader))) == 4

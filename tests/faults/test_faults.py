@@ -141,7 +141,7 @@ def test_ctrl_c_twice_stops_at_once(workdir):
 @pytest.mark.vllm
 def test_a_killed_rank_takes_the_engine_and_the_other_rank_down(workdir):
     run = RunningFit(fit_command(workdir, "rank_killed", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
-                                 "--data.batch_size", "1", "--model.ppo_batch_size", "1"), cwd=workdir)
+                                 "--data.batch_size", "1", "--model.ppo.batch_size", "1"), cwd=workdir)
     try:
         run.wait_for_step(2)
         engines = run.engines()

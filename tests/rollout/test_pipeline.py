@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from maye_pl.rollout.base import RolloutEngine
+from maye_pl.rollout.dynamic_sampling import DynamicSampling
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, split_by_rank
@@ -84,7 +85,7 @@ def _step(pipeline, policy, step, rank=0, last_step=2):
         policy, step, _prompts(rank, step), make_requests=_requests, sampling=SAMPLING, policy_version=step,
         peek=lambda ahead: _prompts(rank, step + ahead) if step + ahead <= last_step else None,
     )
-    assert pipeline.queue.take(step, expected=4) == result.rollouts
+    assert pipeline.queue.take(step, expected=4) == (result.prompts, result.rollouts)
     with torch.no_grad():
         for param in policy.parameters():
             param.add_(1.0)
@@ -162,6 +163,91 @@ def test_a_batch_peeked_wrongly_is_an_error_naming_the_prompts():
         _step(pipeline, policy, 1)
 
 
+# ------------------------------------------------------------------------------ dynamic sampling
+
+# A prompt's group scores differ when its id says "mixed"; "flat" groups score alike (dropped).
+DATASET = [f"d{i}-{'mixed' if i % 2 == 0 else 'flat'}" for i in range(12)]
+
+
+def _scores(prompts, rollouts):
+    assert len(rollouts) == SAMPLING.n * len(prompts) and all(r.text == p["id"] for p, r in zip(prompts, rollouts[::2]))
+    return torch.tensor([float(k) if "mixed" in p["id"] else 1.0 for p in prompts for k in range(SAMPLING.n)])
+
+
+def _draw(seed, start, count, exclude):
+    order = torch.randperm(len(DATASET), generator=torch.Generator().manual_seed(seed)).tolist()
+    allowed = [DATASET[i] for i in order if DATASET[i] not in exclude]
+    return [{"id": allowed[(start + i) % len(allowed)]} for i in range(count)]
+
+
+def _dynamic(max_extra_rounds=3):
+    return DynamicSampling(group_size=SAMPLING.n, max_extra_rounds=max_extra_rounds, scores=_scores, draw=_draw)
+
+
+def _dynamic_step(pipeline, policy, step, rank=0, *, last_step=2, dynamic=None, prompts=None):
+    """``_step`` with dynamic sampling; this rank's batch: one "mixed" and one "flat" prompt."""
+    batch = lambda s: prompts(rank, s) if prompts else [{"id": f"s{s}-r{rank}-mixed"}, {"id": f"s{s}-r{rank}-flat"}]  # noqa: E731
+    result = pipeline.rollouts_for_step(
+        policy, step, batch(step), make_requests=_requests, sampling=SAMPLING, policy_version=step,
+        peek=lambda ahead: batch(step + ahead) if step + ahead <= last_step else None, dynamic=dynamic or _dynamic(),
+    )
+    assert pipeline.queue.take(step, expected=4) == (result.prompts, result.rollouts)
+    pipeline.weights_stale = True
+    return result
+
+
+def test_dynamic_sampling_replaces_flat_groups_with_extra_rounds():
+    engine = FakeEngine()
+    pipeline, policy = _pipeline(engine), nn.Linear(4, 3)
+    result = _dynamic_step(pipeline, policy, 0)
+    # Round 0 kept 1 of 2 groups (rate 1/2): the missing group over that rate = 2 extra prompts,
+    # drawn from the (seed, step 0, round 1) permutation; the first "mixed" one fills the batch.
+    extra = _draw(sampling_seed(7, 0, 1, 0), 0, 2, {"s0-r0-mixed", "s0-r0-flat"})
+    kept = [p["id"] for p in extra if "mixed" in p["id"]]
+    assert [p["id"] for p in result.prompts] == ["s0-r0-mixed", kept[0]]
+    assert [r.text for r in result.rollouts] == ["s0-r0-mixed"] * 2 + [kept[0]] * 2
+    stats = result.refill
+    assert (stats.rounds, stats.generated_groups, stats.kept_groups, stats.filled_groups) == (2, 4, 1 + len(kept), 0)
+    # The extra round's requests are numbered after round 0's (offset 2): new seed streams.
+    assert [(e[1], e[2], e[3]) for e in engine.log if e[0] == "submit"] == [(0, ["s0-r0-mixed", "s0-r0-flat"], 0),
+                                                                             (0, [p["id"] for p in extra], 2)]
+    assert result.rollouts[2].token_ids == FakeEngine().generate(
+        _requests(extra), replace(SAMPLING, seed=7, step=0, request_offset=2))[2 * extra.index({"id": kept[0]})].token_ids
+    assert result.tokens == 2 * 2 * 3 + 2 * 2 * 3 and result.engine_seconds == [1.0]  # both rounds
+
+
+def test_dynamic_sampling_at_the_cap_fills_with_dropped_groups():
+    pipeline, policy = _pipeline(FakeEngine()), nn.Linear(4, 3)
+    flat = lambda rank, s: [{"id": f"s{s}-r{rank}-flat{i}"} for i in range(2)]  # noqa: E731
+    result = _dynamic_step(pipeline, policy, 0, dynamic=_dynamic(max_extra_rounds=0), prompts=flat)
+    assert [p["id"] for p in result.prompts] == ["s0-r0-flat0", "s0-r0-flat1"]  # kept none: the batch as it was
+    assert (result.refill.rounds, result.refill.kept_groups, result.refill.filled_groups) == (1, 0, 2)
+    # No group differs anywhere: a full batch (2 prompts) per round, up to the cap, then fillers.
+    global DATASET
+    saved, DATASET = DATASET, [f"d{i}-flat" for i in range(12)]
+    try:
+        result = _dynamic_step(pipeline, policy, 1, dynamic=_dynamic(max_extra_rounds=2), prompts=flat)
+    finally:
+        DATASET = saved
+    assert (result.refill.rounds, result.refill.generated_groups, result.refill.filled_groups) == (3, 6, 2)
+    assert [p["id"] for p in result.prompts] == ["s1-r0-flat0", "s1-r0-flat1"]  # dropped groups, generation order
+
+
+def test_dynamic_sampling_pipelined_runs_extra_rounds_before_the_batch_ahead_and_resumes_exactly():
+    engine = FakeEngine()
+    pipeline, policy = _pipeline(engine, max_staleness=1), nn.Linear(4, 3)
+    _dynamic_step(pipeline, policy, 0)
+    # Step 0: sync, batch 0, its extra round (the newest weights), then batch 1 ahead.
+    assert [(e[0], e[1]) for e in engine.log] == [("sync", 1), ("submit", 0), ("submit", 0), ("submit", 1)]
+    state = pipeline.state_dict()
+    expected = _dynamic_step(pipeline, policy, 1)
+
+    resumed = _pipeline(FakeEngine(), max_staleness=1)
+    assert resumed.load_state_dict(json.loads(json.dumps(state)))
+    got = _dynamic_step(resumed, policy, 1)
+    assert (got.prompts, got.rollouts) == (expected.prompts, expected.rollouts) and got.refill == expected.refill
+
+
 def test_an_engine_on_a_rank_that_does_not_own_one_is_refused():
     with pytest.raises(ValueError, match="rank 0 owns engine 0 of 1 .* but was given no engine"):
         _pipeline(None)
@@ -233,10 +319,15 @@ def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
             again = RolloutPipeline(FakeEngine() if comm.is_owner else None, comm, seed=7, max_staleness=1, bucket_bytes=64)
             assert again.load_state_dict(checkpoint[0])
             restored = [[r.text, r.token_ids] for r in _step(again, policy, 1, rank).rollouts]
+        log = list(engine.log) if engine else None
+        # Dynamic sampling: rank 0 keeps 1 group of its batch, rank 1 none; the ranks agree on rounds.
+        flat_on_1 = lambda r, s: [{"id": f"s{s}-r{r}-{'mixed' if r == 0 else 'flat'}"}, {"id": f"s{s}-r{r}-flat"}]  # noqa: E731
+        dynamic = [_dynamic_step(pipeline, policy, step, rank, prompts=flat_on_1) for step in (3, 4)]
         results[engines] = {
             "steps": steps, "in_sync": in_sync, "eval": [r.token_ids for r in evaluated], "restored": restored,
-            "log": engine.log if engine else None, "state": state if rank == 0 else None,
+            "log": log, "state": state if rank == 0 else None,
             "engine_seconds": result.engine_seconds, "tokens": result.tokens,
+            "dynamic": [[[p["id"] for p in d.prompts], [r.token_ids for r in d.rollouts], asdict(d.refill)] for d in dynamic],
         }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
         json.dump(results, file)
@@ -259,6 +350,17 @@ def test_one_engine_per_rank_equals_one_engine_for_all(tmp_path):
         assert two["restored"] == one["steps"][1]
         # Step 2: both engines' 0.5 s, and 4 prompts x 2 samples x 3 tokens from both.
         assert two["engine_seconds"] == [0.5, 0.5] and two["tokens"] == one["tokens"] == 24
+    # Dynamic sampling: both layouts draw, generate and keep the same; every rank reports the same
+    # global rounds and counts; the ranks' extra prompts are disjoint.
+    for step in range(2):
+        stats = [ranks[rank][layout]["dynamic"][step][2] for rank in range(2) for layout in ("1", "2")]
+        assert all({**s, "engine_seconds": None} == {**stats[0], "engine_seconds": None} for s in stats)
+        assert stats[0]["rounds"] >= 2 and stats[0]["kept_groups"] >= 1
+        for rank in range(2):
+            assert ranks[rank]["1"]["dynamic"][step][:2] == ranks[rank]["2"]["dynamic"][step][:2]
+        prompts = [ranks[rank]["1"]["dynamic"][step][0] for rank in range(2)]
+        extra = [p for ids in prompts for p in ids if p.startswith("d")]
+        assert len(extra) == len(set(extra)) and all(len(ids) == 2 for ids in prompts)
     # One engine: rank 0's engine saw every rank's prompts, offset 0; two: each its own, rank 1 at offset 2.
     submits = [entry for entry in ranks[0]["1"]["log"] if entry[0] == "submit"]
     assert submits[0][2:4] == [["s0-r0-0", "s0-r0-1", "s0-r1-0", "s0-r1-1"], 0]

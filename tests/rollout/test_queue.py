@@ -15,11 +15,12 @@ def _rollouts(version: int) -> list[Rollout]:
 
 
 def test_take_once_with_the_expected_count():
-    queue = RolloutQueue()
-    queue.put_ready(3, _rollouts(0))
+    queue, prompts = RolloutQueue(), [{"id": "a"}, {"id": "b"}]
+    queue.put_ready(3, prompts, _rollouts(0))
     with pytest.raises(RuntimeError, match="expected 8 rollouts for generation step 3 .* got 4"):
         queue.take(3, expected=8)
-    queue.put_ready(3, _rollouts(0))
-    assert len(queue.take(3, expected=4)) == 4
+    queue.put_ready(3, prompts, _rollouts(0))
+    taken_prompts, rollouts = queue.take(3, expected=4)
+    assert taken_prompts == prompts and len(rollouts) == 4
     with pytest.raises(RuntimeError, match="got none.*RolloutCallback"):
         queue.take(3, expected=4)
