@@ -54,9 +54,9 @@ def test_cli_overrides_reach_the_model():
                             "--model.ppo.batch_size", "16", "--model.loss.clip_high", "0.28"])
     fit = parsed.value.args[0].fit
     assert (fit.model.init_args.lr, fit.trainer.max_epochs, fit.rollout.engine) == (1e-6, 3, "hf")
-    # A group field overrides one value; the group's other fields keep the YAML's (demo: 2 micro-batches).
+    # A group field overrides one value; the group's other fields keep the YAML's (demo: no gradient accumulation).
     ppo, loss = fit.model.init_args.ppo, fit.model.init_args.loss
-    assert (ppo.batch_size, ppo.gradient_accumulation_steps, loss.clip_high, loss.clip_low) == (16, 2, 0.28, 0.2)
+    assert (ppo.batch_size, ppo.gradient_accumulation_steps, loss.clip_high, loss.clip_low) == (16, 1, 0.28, 0.2)
 
 
 def test_print_config_comments_give_each_group_field_its_help(capsys):
