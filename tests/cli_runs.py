@@ -6,6 +6,7 @@
 - ``RunningFit``: such a run in the background, in its own session, to signal it mid-step or
   mid-validation; its waits are on events (a step or validation batch started, a line printed),
   never fixed sleeps, so the time bounds the tests assert start at the event they bound.
+- ``has_letter_e``: a reward by import path for runs whose groups must sometimes score alike.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
 """
@@ -24,8 +25,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import psutil
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def has_letter_e(responses: list[str], samples: list[dict]) -> torch.Tensor:
+    """1.0 where the response contains the letter "e" (the tiny model: about half of them): (B,)."""
+    return torch.tensor([float("e" in text) for text in responses])
 
 
 class PromptIdsRecorder(pl.Callback):

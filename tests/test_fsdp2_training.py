@@ -3,15 +3,20 @@ every model family (its demo config: configs/demo.yaml, demo_qwen2_vl.yaml, demo
 
 Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same global batch (each a
 2-step demo fit through the real vLLM engine):
-  - 2 ranks, FSDP2Strategy, 2 prompts per rank (the engine on rank 0 generates for both ranks);
-  - 1 process, no sharding, 4 prompts.
+  - 2 ranks, FSDP2Strategy with activation checkpointing, 2 prompts per rank (the engine on rank 0
+    generates for both ranks), both compute switches on: token-budget micro-batches
+    (``model.max_tokens_per_micro_batch``) and one prompt pass per group (``model.dedup_group_prompts``);
+  - 1 process, no sharding, 4 prompts, both switches off (padded row micro-batches).
 Every training prompt is the same problem (distinct ids), so the data sampler's split of the batch
 over ranks cannot change what is generated: the engine sees the same 4 requests in the same order
 and samples the same responses. One minibatch per generation step (ppo.batch_size = all rows), so
 after two optimizer steps the policies must agree to 1e-5: this proves the prompt gather/scatter
 through rank 0, the global whitening of advantages, the global token-mean loss normaliser, the
 sharded reference model, DTensor gradient clipping and the weight streaming into the engine (the
-second step's rollouts come from the synced weights) compose into the single-process algorithm;
+second step's rollouts come from the synced weights) compose into the single-process algorithm,
+and that the compute switches change no number: the gradient norm of each step agrees to 1e-4
+(relative) with the padded path's, through sharded prompt passes whose backward runs after the
+micro-batches' under activation checkpointing;
 and the engine's logprobs of its samples equal the trainer's after each sync (≤ 1e-4), for the
 collective weight transport under FSDP2 and for the pipe transport in one process.
 """
@@ -89,11 +94,16 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
     # The runs use different weight transports: the sharded one streams out of the shards over the
     # engine's private gloo group (the default) or through shared memory, the single one sends
     # safetensors bytes through the pipe.
+    strategy = {"class_path": "maye_pl.strategies.FSDP2Strategy", "init_args": {"activation_checkpointing": True}}
+    # Budget 128 tokens: each prompt (140-180 tokens) gets its own prompt pass, two responses share a
+    # micro-batch (2 x 48 tokens), so each step runs several micro-batches before the prompts' backward.
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
-                   "--trainer.strategy", "fsdp2", "--rollout.weight_transport", sharded_transport,
-                   "--data.batch_size", "2", "--model.ppo.batch_size", "4", config=config)
+                   "--trainer.strategy", json.dumps(strategy), "--rollout.weight_transport", sharded_transport,
+                   "--data.batch_size", "2", "--model.ppo.batch_size", "4",
+                   "--model.max_tokens_per_micro_batch", "128", "--model.dedup_group_prompts", "true", config=config)
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo.batch_size", "8",
-                  "--rollout.weight_transport", "pipe", config=config)
+                  "--rollout.weight_transport", "pipe", "--model.max_tokens_per_micro_batch", "null",
+                  "--model.dedup_group_prompts", "false", config=config)
 
     assert sharded.is_dir() and single.is_file()  # a distributed (DCP) checkpoint vs one file
     sharded_weights, _ = read_checkpoint(sharded, "policy.")
@@ -109,11 +119,18 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
     # The second step sampled from weights streamed out of the shards, or out of the single
     # process (pipe): the engine's logprobs of its own samples equal the trainer's (mean abs
     # difference over every sampled token).
+    grad_norms = []
     for label, checkpoint in ((f"2 FSDP2 ranks, {sharded_transport}", sharded), ("1 process, pipe", single)):
         rows = [json.loads(line) for line in (checkpoint.parent.parent / "metrics.jsonl").read_text().splitlines()]
         mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
         print(f"engine/trainer logprob mismatch per step ({label}): {mismatch}")
         assert len(mismatch) == 2 and max(mismatch) <= 1e-4
+        grad_norms.append([row["policy/grad_norm"] for row in rows if "policy/grad_norm" in row])
+    # The switches (and the sharding) leave each step's gradient as it was: norms before clipping.
+    print(f"grad norm per step (switches on, 2 ranks / off, 1 process): {grad_norms}")
+    assert len(grad_norms[0]) == len(grad_norms[1]) == 2
+    for on, off in zip(*grad_norms):
+        assert abs(on - off) <= 1e-4 * off
     assert torch.isfinite(torch.stack([v.float().abs().max() for v in single_weights.values()])).all()
 
 

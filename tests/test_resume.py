@@ -152,15 +152,25 @@ VALIDATING = ["--data.val_path", "geo/validation.jsonl", "--trainer.limit_val_ba
               "--trainer.val_check_interval", str(RESUME_AFTER), "--data.eval_batch_size", "1"]
 
 
+LORA = ["--model.lora.r", "4", "--model.lora.alpha", "32"]
+# A reward where about half of the 2-sample groups score alike (contains "e" or not, no penalty):
+# dynamic sampling drops those and trains on groups of its extra round.
+DYNAMIC_SAMPLING = ["--model.dynamic_sampling.enabled", "true", "--model.dynamic_sampling.max_extra_rounds", "1",
+                    "--model.reward_penalty", "null", "--model.rewards", "[{fn: cli_runs.has_letter_e, name: e}]"]
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize(
     ("layout", "how"),
     [
-        (VALIDATING, "SIGTERM in validation"),
+        # With LoRA adapters (r 4, s = alpha / r = 8): the checkpoint holds base + adapters and the
+        # adapters' optimizer state; the resumed engine gets the merged weights W + s·B@A.
+        (VALIDATING + LORA, "SIGTERM in validation"),
         # Pipelined: batch k+1 is in flight at the checkpoint (sampled by weights it does not hold),
-        # saved in the single checkpoint file here, in the sharded directory below.
-        (["--rollout.max_staleness", "1"], "Ctrl-C"),
+        # saved in the single checkpoint file here, in the sharded directory below. With DAPO's
+        # dynamic sampling: the extra rounds of the resumed steps draw the same prompts and seeds.
+        (["--rollout.max_staleness", "1", *DYNAMIC_SAMPLING], "Ctrl-C"),
         # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
         # (The synchronous 2-rank layout passes too; left out for the suite's time.)
         (["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
@@ -182,7 +192,7 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
     preempted, output = _preempt(tmp_path, "preempted", how, *layout, "--preemption.dirpath", str(preempt_dir))
     checkpoint = preempt_dir / f"preempted-epoch=0-step={step}.ckpt"
     assert checkpoint.is_dir() == ("fsdp2" in layout)
-    signal_name, during = ("SIGINT", "") if how == "Ctrl-C" else ("SIGTERM", ", during its validation" * (layout == VALIDATING))
+    signal_name, during = ("SIGINT", "") if how == "Ctrl-C" else ("SIGTERM", ", during its validation" * (how == "SIGTERM in validation"))
     assert f"Preempted by {signal_name} at epoch 0, step {step}{during}: checkpoint {checkpoint}" in output
     assert _step_rows(tmp_path, "preempted").keys() == set(range(1, RESUME_AFTER + 1))  # its rows are on disk
 
@@ -200,7 +210,7 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
     assert sorted(resumed_rows) == list(range(RESUME_AFTER + 1, STEPS + 1))  # it trained only the rest
     _assert_same_rows(resumed_rows, full_rows)
     _assert_same_rows(_step_rows(tmp_path, "preempted"), full_rows)
-    if layout == VALIDATING:
+    if how == "SIGTERM in validation":
         # The cut validation ran again in full on resume, from the restored weights: the same rows.
         full_val, resumed_val = _val_rows(tmp_path, "full"), _val_rows(tmp_path, "resumed")
         assert sorted(full_val) == sorted(resumed_val) == [step, STEPS * OPTIMIZER_STEPS_PER_GENERATION]
@@ -216,6 +226,10 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
         # version back), then on what the engine sampled from the restored weights; equal metrics
         # for every resumed step (above) prove both, and the rollouts are one version stale.
         assert all(row["policy/staleness"] == OPTIMIZER_STEPS_PER_GENERATION for row in resumed_rows.values())
+
+    if DYNAMIC_SAMPLING[0] in layout:  # groups were dropped and kept, extra rounds ran (the same on resume)
+        dynamic = [(row["rollout/dynamic_rounds"], row["rollout/kept_group_ratio"]) for row in full_rows.values()]
+        assert any(rounds == 2 for rounds, _ in dynamic) and any(0 < kept < 1 for _, kept in dynamic), dynamic
 
     full_ids, resumed_ids = _ids(full), _ids(resumed)
     assert resumed_ids == {step: full_ids[step] for step in range(RESUME_AFTER, STEPS)}  # 0-based here

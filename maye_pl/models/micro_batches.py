@@ -100,13 +100,14 @@ def token_budget_micro_batches(
             batches[-1].append(row)
         else:
             batches.append([row])
-    # Step 2 - the count every rank runs: split the costliest micro-batch until this rank has it.
+    # Step 2 - the count every rank runs: split the costliest micro-batch until this rank has it,
+    # where the two parts cost least (its rows are sorted: e.g. one long row apart from short ones).
     count = sync_count(max(len(batches), min_count), process_group)
     while len(batches) < count and any(len(b) > 1 for b in batches):
         costliest = max((b for b in batches if len(b) > 1), key=cost)
+        cut = min(range(1, len(costliest)), key=lambda i: cost(costliest[:i]) + cost(costliest[i:]))
         batches.remove(costliest)
-        half = len(costliest) // 2
-        batches += [costliest[:half], costliest[half:]]
+        batches += [costliest[:cut], costliest[cut:]]
     if len(batches) < count and not ghosts:
         raise ValueError(
             f"token_budget_micro_batches: {count} micro-batches (the most any rank needs) but this rank has "

@@ -53,6 +53,16 @@ def _prompt_only(prompts: PolicyInputs) -> PolicyInputs:
     )
 
 
+def _prompt_passes(prompts: PolicyInputs, max_tokens: int | None, process_group) -> list[Tensor]:
+    """Which prompts run together: all at once (no budget), or length-grouped within the budget,
+    as many passes as the busiest rank runs (an empty pass where this rank has too few prompts)."""
+    u = prompts.num_rows
+    if max_tokens is None:
+        return [torch.arange(u)]
+    lengths = Lengths(prompts.attention_mask.sum(1).cpu(), torch.zeros(u, dtype=torch.long), torch.arange(u))
+    return token_budget_micro_batches(lengths, max_tokens, process_group=process_group, ghosts=True)
+
+
 class SharedPrompts:
     """The distinct prompts of a set of rows: run once (A), read by response passes (B), backpropagated once (C)."""
 
@@ -83,12 +93,7 @@ class SharedPrompts:
         self.banned = torch.as_tensor(banned_token_ids or [], dtype=torch.long, device=inputs.input_ids.device)
         first_rows, slot = prompt_slots(inputs.prompt_index)  # (u,), (N,)
         prompts = _prompt_only(select_rows(inputs, first_rows))  # u rows of P columns
-        if max_tokens is None:
-            passes = [torch.arange(len(first_rows))]
-        else:
-            lengths = Lengths(prompts.attention_mask.sum(1).cpu(), torch.zeros(len(first_rows), dtype=torch.long),
-                              torch.arange(len(first_rows)))
-            passes = token_budget_micro_batches(lengths, max_tokens, process_group=process_group, ghosts=True)
+        passes = _prompt_passes(prompts, max_tokens, process_group)
         runs = [self._prompt_pass(_prompt_only(select_rows(prompts, rows if len(rows) else [0]))) for rows in passes]
         # An empty pass (FSDP2: another rank needs more passes) repeats prompt 0 and adds 0 times its
         # logits to the real ones, so that every rank's backward also runs through it.

@@ -38,9 +38,18 @@ def test_next_fit_groups_rows_by_length():
     assert _rows(token_budget_micro_batches(LENGTHS, 200, layout="responses")) == [[0, 2, 3, 1]]
 
 
-def test_min_count_splits_the_costliest_and_long_rows_run_alone():
+def test_min_count_splits_the_costliest_where_it_saves_most():
     # Three micro-batches asked for: [0, 2] (cost 120) is split, not [3, 1] (cost 36).
     assert _rows(token_budget_micro_batches(LENGTHS, 120, min_count=3)) == [[3, 1], [0], [2]]
+    # Two from one (sorted 0, 2, 3, 1): [0] + [2, 3, 1] costs 60 + 3 x 50 = 210, [0, 2] + [3, 1]
+    # 120 + 2 x 18 = 156, [0, 2, 3] + [1] 180 + 15 = 195: the cut after the second row.
+    assert _rows(token_budget_micro_batches(LENGTHS, 1000, min_count=2)) == [[0, 2], [3, 1]]
+    # One long row among short ones: [100] + [5, 5, 5] (110 + 3 x 15 = 155) beats [100, 5] + [5, 5] (220 + 30).
+    skewed = Lengths(torch.full((4,), 10), torch.tensor([100, 5, 5, 5]), torch.arange(4))
+    assert _rows(token_budget_micro_batches(skewed, 1000, min_count=2)) == [[0], [1, 2, 3]]
+
+
+def test_long_rows_run_alone():
     # A budget below row 0's 60 tokens: it still runs, alone; the rest fit as before.
     assert _rows(token_budget_micro_batches(LENGTHS, 55)) == [[0], [2], [3, 1]]
 
