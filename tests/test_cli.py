@@ -125,6 +125,7 @@ def test_demo_fit_test_and_report(tmp_path):
         # learning (the SFT warm start is tests/test_demo.py's, the rise tests/test_learning.py's).
         "--model.model_path", ".cache/tiny-qwen2.5-vl",
         "--trainer.max_epochs", "2",
+        "--model.loss.kl_coef", "0.001",  # the paper's KL loss (the demo runs none): the reference model's path
         "--data.max_eval_samples", "2",
         "--trainer.limit_train_batches", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
