@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -29,6 +30,7 @@ from maye_pl.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError, debug_e
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
 from maye_pl.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from maye_pl.rollout.callback import RolloutCallback
+from maye_pl.sft import SFT
 
 # The docstring under each field of a hyperparameter group (``maye_pl/hparams.py``) is its help:
 # `--help` and `--print_config=comments` show it.
@@ -94,7 +96,7 @@ class MayeCLI(LightningCLI):
         # Only the demo's own paths: a path the user set is theirs, and a missing one gets the
         # data module's or the model loader's error.
         ensure_demo_assets(config.model.init_args.model_path,
-                           (config.data.train_path, config.data.val_path, config.data.test_path))
+                           (config.data.train_path, config.data.val_path, config.data.test_path), train_warm_start)
 
     def instantiate_classes(self) -> None:
         """Build the config's objects; a constructor's ValueError or FileNotFoundError is a ConfigError.
@@ -176,6 +178,26 @@ class MayeCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule)
         finally:
             rollout.keep_engine_after_validate = False
+
+
+def train_warm_start(recipe: Path) -> torch.nn.Module:
+    """Fit an SFT recipe's model on its training split and return the trained policy: the demo's
+    warm start (``maye_pl.demo.ensure_warm_start``).
+
+    MayeCLI parses the recipe (types, links, seed) and builds its model and data module; a bare
+    trainer with the recipe's precision and length fits them, so no engine starts.
+    """
+    cli = MayeCLI(args=["--config", str(recipe)], run=False)
+    if not isinstance(cli.model, SFT):
+        raise ConfigError(f"{recipe}: `model.class_path` is {type(cli.model).__name__}; the warm start recipe must train maye_pl.sft.SFT.")
+    trainer_config = cli.config.trainer
+    trainer = Trainer(
+        accelerator="cpu", devices=1, precision=trainer_config.precision, max_epochs=trainer_config.max_epochs,
+        max_steps=trainer_config.max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(cli.model, cli.datamodule)
+    return cli.model.policy
 
 
 def _strategy_from_class_path(class_path: str) -> Strategy:

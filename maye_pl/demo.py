@@ -27,7 +27,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,15 @@ STAMP_FILE = "maye_pl_warm_start.json"
 """In the warm start's directory: the recipe's path and the digest it was built for."""
 
 
-def ensure_demo_assets(model_path: str | Path, data_paths: Iterable[str | Path | None]) -> None:
+TrainSFT = Callable[[Path], Any]
+"""Fits an SFT recipe (a config file) and returns the trained policy: ``maye_pl.cli.train_warm_start``."""
+
+
+def ensure_demo_assets(model_path: str | Path, data_paths: Iterable[str | Path | None], train_sft: TrainSFT) -> None:
     """Build whatever of the demo's assets ``model.model_path`` and the ``data.*_path`` point at.
 
     The data set first (the warm start trains on it), then the model: a tiny random one, or the
-    SFT warm start (which needs both).
+    SFT warm start (which needs both; ``train_sft`` runs its recipe).
     """
     if any(path is not None and _same_path(Path(path).parent, DEMO_DATA_DIR) for path in data_paths):
         ensure_geometry_dataset(DEMO_DATA_DIR, **DEMO_DATA, replace=True)
@@ -63,15 +67,15 @@ def ensure_demo_assets(model_path: str | Path, data_paths: Iterable[str | Path |
     if tiny is not None:
         ensure_tiny_model(tiny, tiny_model_type(tiny))
     elif _same_path(model_path, WARM_START_PATH):
-        ensure_warm_start(WARM_START_PATH, WARM_START_RECIPE)
+        ensure_warm_start(WARM_START_PATH, WARM_START_RECIPE, train_sft)
 
 
-def ensure_warm_start(out_dir: str | Path, recipe: str | Path) -> Path:
+def ensure_warm_start(out_dir: str | Path, recipe: str | Path, train_sft: TrainSFT) -> Path:
     """Return ``out_dir``, first running the SFT ``recipe`` into it if its stamp is missing or stale.
 
     The recipe is a maye_pl config of ``maye_pl.sft.SFT`` (configs/sft_demo.yaml); the demo assets
-    it points at are built first. It trains as configured (seed, epochs, batches, optimizer) but
-    without the engine: no validation, no logger, no checkpoints.
+    it points at are built first. ``train_sft`` trains it as configured (seed, epochs, batches,
+    optimizer) but without the engine: no validation, no logger, no checkpoints.
     """
     out_dir, recipe = Path(out_dir), Path(recipe)
     if not recipe.is_file():
@@ -81,13 +85,13 @@ def ensure_warm_start(out_dir: str | Path, recipe: str | Path) -> Path:
         )
     paths = yaml.safe_load(recipe.read_text())
     base_model, train_split = Path(paths["model"]["init_args"]["model_path"]), Path(paths["data"]["train_path"])
-    ensure_demo_assets(base_model, [train_split])
+    ensure_demo_assets(base_model, [train_split], train_sft)
     digest = warm_start_digest(recipe, base_model, train_split)
     if _stamp(out_dir).get("digest") == digest:
         return out_dir
     rank_zero_info(f"Building the demo's SFT warm start {out_dir} from {recipe.name} (once; kept under its stamp)")
     start = time.perf_counter()
-    policy = _train_sft(recipe)
+    policy = train_sft(recipe)
     _publish(out_dir, policy.state_dict(), base_model, {"recipe": str(recipe), "digest": digest})
     rank_zero_info(f"SFT warm start ready in {time.perf_counter() - start:.0f} s: {out_dir}")
     return out_dir
@@ -106,30 +110,6 @@ def _stamp(out_dir: Path) -> dict[str, Any]:
         return json.loads((out_dir / STAMP_FILE).read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _train_sft(recipe: Path) -> Any:
-    """Fit the recipe's SFT model on its training split; returns the trained policy.
-
-    The maye_pl CLI parses the recipe (types, links, seed) and builds its model and data module;
-    a bare trainer with the recipe's precision and length fits them, so no engine starts.
-    """
-    import lightning.pytorch as pl
-
-    from maye_pl.cli import MayeCLI
-    from maye_pl.sft import SFT
-
-    cli = MayeCLI(args=["--config", str(recipe)], run=False)
-    if not isinstance(cli.model, SFT):
-        raise ConfigError(f"{recipe}: `model.class_path` is {type(cli.model).__name__}; the warm start recipe must train maye_pl.sft.SFT.")
-    trainer_config = cli.config.trainer
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, precision=trainer_config.precision, max_epochs=trainer_config.max_epochs,
-        max_steps=trainer_config.max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-    )
-    trainer.fit(cli.model, cli.datamodule)
-    return cli.model.policy
 
 
 def _publish(out_dir: Path, state_dict: dict, base_model: Path, stamp: dict[str, str]) -> None:

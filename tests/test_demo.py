@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import maye_pl.demo as demo
+from maye_pl.cli import train_warm_start
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def _recipe(path: Path, **model_overrides) -> Path:
 def test_warm_start_is_trained_once_and_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the recipe's relative demo paths: assets are built here
     recipe = _recipe(tmp_path / "sft.yaml")
-    out = demo.ensure_warm_start(".cache/warm", recipe)
+    out = demo.ensure_warm_start(".cache/warm", recipe, train_warm_start)
 
     # Trained: the LLM moved one AdamW step from the base model, the frozen ViT did not.
     stamp = json.loads((out / demo.STAMP_FILE).read_text())
@@ -51,15 +52,14 @@ def test_warm_start_is_trained_once_and_rebuilt_when_its_recipe_changes(tmp_path
     def no_training(recipe):
         raise AssertionError("the stamped warm start was trained again")
 
-    monkeypatch.setattr(demo, "_train_sft", no_training)
     before = (out / "model.safetensors").stat().st_mtime_ns
-    assert demo.ensure_warm_start(".cache/warm", recipe) == out
+    assert demo.ensure_warm_start(".cache/warm", recipe, no_training) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == before
 
     # A changed recipe: trained again, published whole (no staging directory left behind).
     trained = []
-    monkeypatch.setattr(demo, "_train_sft", lambda recipe: trained.append(recipe) or _base_policy(base_dir))
-    demo.ensure_warm_start(".cache/warm", _recipe(recipe, lr=2.0e-3))
+    demo.ensure_warm_start(".cache/warm", _recipe(recipe, lr=2.0e-3),
+                           lambda recipe: trained.append(recipe) or _base_policy(base_dir))
     assert trained == [recipe]
     assert json.loads((out / demo.STAMP_FILE).read_text())["digest"] != stamp["digest"]
     assert sorted(p.name for p in (tmp_path / ".cache").iterdir()) == ["tiny-qwen2.5-vl", "warm"]
@@ -67,7 +67,7 @@ def test_warm_start_is_trained_once_and_rebuilt_when_its_recipe_changes(tmp_path
 
 def test_a_missing_recipe_names_the_fix(tmp_path):
     with pytest.raises(demo.ConfigError, match="does not exist; run from a maye_pl checkout"):
-        demo.ensure_warm_start(tmp_path / "warm", tmp_path / "no_such_recipe.yaml")
+        demo.ensure_warm_start(tmp_path / "warm", tmp_path / "no_such_recipe.yaml", train_warm_start)
 
 
 def _base_policy(model_dir: Path):
