@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from maye_pl import rl
 from maye_pl.types import SamplingConfig
 
-GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo")
+GROUP_ESTIMATORS = ("reinforce_pp_baseline", "grpo", "dr_grpo")
 """Advantage estimators that compare the samples of one prompt (they need ``sampling.n`` >= 2)."""
 
 
@@ -39,8 +39,8 @@ class AdvantageArgs:
 
     estimator: str = "reinforce_pp"
     """One of ``maye_pl.rl.ADVANTAGE_ESTIMATORS``: "reinforce_pp" (the paper: discounted returns
-    whitened over the batch), "reinforce_pp_baseline" (each prompt's mean score subtracted first) or
-    "grpo" (each prompt's mean and std)."""
+    whitened over the batch), "reinforce_pp_baseline" (each prompt's mean score subtracted first),
+    "grpo" (each prompt's mean and std) or "dr_grpo" (each prompt's mean, no std)."""
     gamma: float = 1.0
     """Discount of the per-token returns (the paper: 1)."""
     kl_coef: float = 0.0
@@ -59,23 +59,28 @@ class AdvantageArgs:
 
 @dataclass(frozen=True)
 class LossArgs:
-    """The policy loss of Step IV: PPO-clip plus β_loss times the k3 KL to the reference."""
+    """The loss of Step IV: a policy loss plus β_loss times the k3 KL to the reference."""
 
+    policy_loss: str = "ppo_clip"
+    """One of ``maye_pl.rl.POLICY_LOSSES``: "ppo_clip" (the paper), "gspo" (the sequence-level
+    ratio, GSPO-token) or "cispo" (the clipped ratio as a stop-gradient coefficient)."""
     clip_low: float = 0.2
-    """ε_low: the ratio π/π_old is clipped from below at 1 - clip_low."""
+    """ε_low: the ratio π/π_old is clipped from below at 1 - clip_low (1 = no floor)."""
     clip_high: float = 0.2
     """ε_high: the ratio is clipped from above at 1 + clip_high (> clip_low: DAPO's clip-higher)."""
     kl_coef: float = 0.001
     """β_loss: the k3 KL(π‖π_ref) term of the loss (the paper: 0.001); 0 builds no reference."""
     agg: str = "token_mean"
-    """One of ``maye_pl.rl.LOSS_AGGREGATIONS``: "token_mean" over the minibatch's valid tokens, or
-    "seq_mean" (the mean over rows of each row's token mean)."""
+    """One of ``maye_pl.rl.LOSS_AGGREGATIONS``: "token_mean" over the minibatch's valid tokens
+    (DAPO), "seq_mean_token_mean" (each response's token mean, then their mean: GRPO, GSPO) or
+    "seq_mean_token_sum_norm" (each response's token sum / ``sampling.max_tokens``: Dr.GRPO)."""
 
     def problems(self, key: str = "model.loss") -> list[str]:
         """Every problem of these settings, each naming ``<key>.<field>``."""
-        problems = _unknown(f"{key}.agg", self.agg, rl.LOSS_AGGREGATIONS)
-        if not 0 <= self.clip_low < 1:
-            problems.append(f"`{key}.clip_low`={self.clip_low} must lie in [0, 1) (the ratio floor is 1 - it).")
+        problems = _unknown(f"{key}.policy_loss", self.policy_loss, tuple(rl.POLICY_LOSSES))
+        problems += _unknown(f"{key}.agg", self.agg, rl.LOSS_AGGREGATIONS)
+        if not 0 <= self.clip_low <= 1:
+            problems.append(f"`{key}.clip_low`={self.clip_low} must lie in [0, 1] (the ratio floor is 1 - it).")
         if self.clip_high < 0:
             problems.append(f"`{key}.clip_high`={self.clip_high} must be >= 0 (the ratio ceiling is 1 + it).")
         return problems + _kl_coef(f"{key}.kl_coef", self.kl_coef)
@@ -114,17 +119,29 @@ class OffPolicyArgs:
     (decoupled PPO; ``maye_pl.rl.off_policy``)."""
 
     correction: bool | None = None
-    """Weight each token's policy-gradient term by min(π_old/π_behaviour, ``high``). None: on for
+    """Weight each token's policy loss by the bounded ratio π_old/π_behaviour. None: on for
     rollouts sampled by an older policy (``rollout.max_staleness`` 1), off otherwise (MAYE); True
     also corrects the engine/trainer numerics mismatch of on-policy rollouts (bf16 on GPUs)."""
+    mode: str = "truncate"
+    """"truncate": weight min(ratio, ``high``) (truncated IS); "mask": weight the ratio inside
+    [``low``, ``high``] and 0 outside (masked IS: the token or response is dropped)."""
+    level: str = "token"
+    """"token": one ratio per token; "sequence": the response's ratio (the product over its
+    tokens) for each of its tokens."""
+    low: float = 0.0
+    """The smallest ratio "mask" keeps (truncation has no floor)."""
     high: float = 2.0
-    """C, the largest importance weight (truncated importance sampling)."""
+    """C: the largest weight ("truncate") or the largest ratio kept ("mask")."""
 
     def problems(self, key: str = "model.off_policy") -> list[str]:
         """Every problem of these settings, each naming ``<key>.<field>``."""
+        problems = _unknown(f"{key}.mode", self.mode, rl.OFF_POLICY_MODES)
+        problems += _unknown(f"{key}.level", self.level, rl.OFF_POLICY_LEVELS)
         if self.high <= 0:
-            return [f"`{key}.high`={self.high} must be > 0 (the largest importance weight)."]
-        return []
+            problems.append(f"`{key}.high`={self.high} must be > 0 (the largest importance weight).")
+        if not 0 <= self.low <= max(self.high, 0):
+            problems.append(f"`{key}.low`={self.low} must lie in [0, `{key}.high`={self.high}].")
+        return problems
 
 
 @dataclass(frozen=True)

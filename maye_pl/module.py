@@ -6,7 +6,8 @@ stages. Notation: B prompts on this rank, G samples per prompt, N = B*G rows, T 
     Step I    data           a batch of prompts (question, image, answer) from MayeDataModule
     Step II   rollouts       RolloutCallback.on_train_batch_start leaves N responses in self.rollout_queue
     Step III  trajectory     prompt+response tokens, old/ref logprobs, rewards, advantages
-    Step IV   policy update  ppo.epochs × minibatches × gradient accumulation of PPO-clip + k3 KL
+    Step IV   policy update  ppo.epochs × minibatches × gradient accumulation of the policy loss
+                             (PPO-clip by default; GSPO, CISPO: maye_pl.rl.POLICY_LOSSES) + k3 KL
     (then)    weight sync    RolloutCallback streams the new weights into the engine before it next generates
 """
 
@@ -44,7 +45,12 @@ from maye_pl.types import Rollout, SamplingConfig
 
 
 class ReinforcePP(PolicyModule):
-    """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference."""
+    """Reinforce++ (paper Eq. 1) with PPO-clip updates and a k3 KL loss against a frozen reference.
+
+    The same loop runs the family a recipe (``configs/recipes/``) picks: GRPO / Dr.GRPO advantages
+    (``model.advantages``), GSPO / CISPO losses and their aggregation (``model.loss``), truncated or
+    masked importance sampling of the engine's rollouts (``model.off_policy``).
+    """
 
     # The group arguments, typed (PolicyModule._typed_groups): read them here, not in self.hparams.
     sampling: SamplingConfig
@@ -84,7 +90,7 @@ class ReinforcePP(PolicyModule):
                 ``min_response_length`` (it replaces the reward, as in MAYE); None = no penalty.
             min_response_length: Shortest unpenalised response in tokens; None = no minimum.
             advantages: Step III.5, scores to per-token advantages (estimator, γ, β_rew, whitening).
-            loss: Step IV's loss (PPO-clip ε, β_loss of the k3 KL, aggregation).
+            loss: Step IV's loss (policy loss and its clip range ε, β_loss of the k3 KL, aggregation).
             ppo: Step IV's schedule (epochs, minibatch rows, gradient accumulation).
             off_policy: Importance weights of the sampled tokens from the engine's log-probs.
             dynamic_sampling: DAPO's dynamic sampling: train only on groups whose scores differ,
@@ -226,16 +232,19 @@ class ReinforcePP(PolicyModule):
         return ids, stop_mask & (torch.arange(ids.shape[1]) < lengths[:, None])  # (N, T) each
 
     def score_rollouts(self, batch: list[dict], rollouts: list[Rollout]) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """Step III.4 - rewards: rule rewards on the decoded text; a response that never stopped (or
+        """Step III.4 - rewards: rule rewards on the decoded text (and its length in tokens, for
+        length-aware rewards: ``samples[i]["response_length"]``); a response that never stopped (or
         is too short) gets ``reward_penalty`` instead, as in MAYE.
 
         Returns the (N,) scores on the module's device, the reward components by name, and the (N,)
         bool mask of penalised responses. DAPO's dynamic sampling (``model.dynamic_sampling``)
         keeps the groups whose scores differ (RolloutCallback calls this before Step III).
         """
-        samples = [sample for sample in batch for _ in range(self.sampling.n)]  # request-major, like the rollouts
+        response_ids, response_mask = self.response_tokens(rollouts)  # (N, T) each
+        lengths = rl.response_lengths(response_mask).tolist()  # (N,)
+        records = [sample for sample in batch for _ in range(self.sampling.n)]  # request-major, like the rollouts
+        samples = [{**record, "response_length": length} for record, length in zip(records, lengths)]
         scores, components = score_responses(self.rewards, [r.text for r in rollouts], samples)
-        response_ids, response_mask = self.response_tokens(rollouts)
         penalized = rl.needs_length_penalty(response_ids, response_mask, self.stop_token_ids, self.hparams.min_response_length)
         if self.hparams.reward_penalty is not None:
             scores = rl.apply_penalty(scores, penalized, self.hparams.reward_penalty)  # (N,)
@@ -274,7 +283,7 @@ class ReinforcePP(PolicyModule):
         return wanted
 
     def update_policy(self, trajectory: Trajectory) -> dict[str, float]:
-        """Step IV - policy update: ppo_epochs × shuffled minibatches, one optimizer step each."""
+        """Step IV - policy update: ppo.epochs × shuffled minibatches, one optimizer step each."""
         self.policy.train()
         generator = torch.Generator().manual_seed(hash((self.trainer.global_step, self.global_rank)) % 2**31)
         correct = self.corrects_off_policy(trajectory)
@@ -306,19 +315,9 @@ class ReinforcePP(PolicyModule):
             micro = mb.select(micro_rows)
             logprobs, entropy = scorer.logprobs(micro_rows, return_entropy=True)  # (b, T) each
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach() * micro.response_mask
-            weights = behaviour_stats = None
-            if micro.behaviour_logprobs is not None:  # the stats are logged also when not applied
-                weights, behaviour_stats = rl.truncated_importance_weights(
-                    old, micro.behaviour_logprobs, micro.response_mask, self.off_policy.high
-                )  # (b, T)
-            loss, loss_stats = rl.ppo_clip_loss(
-                logprobs, old, micro.ref_logprobs if micro.ref_logprobs is not None else old, micro.advantages,
-                micro.response_mask, clip_eps_low=self.loss.clip_low, clip_eps_high=self.loss.clip_high,
-                kl_loss_coef=self.loss.kl_coef, loss_agg=self.loss.agg, normalizer=normalizer,
-                importance_weights=weights if correct_off_policy else None,
-            )
+            loss, loss_stats = self.micro_batch_loss(micro, logprobs, old, correct_off_policy, normalizer)
             self.manual_backward(loss)
-            micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask, behaviour_stats))
+            micro_stats.append(micro_batch_stats(loss, loss_stats, entropy, micro.response_mask))
             old_parts.append(old)
         scorer.backward()  # the shared prompts' backward, once, after every micro-batch's
         step_stats = self.clip_and_step()
@@ -326,9 +325,39 @@ class ReinforcePP(PolicyModule):
         stats["loss/total"] *= len(micro_stats)  # micro-batch losses add up to the minibatch's
         return {**stats, **step_stats}, torch.cat(old_parts)[torch.cat(scorer.micro_batches).argsort()]  # mb order
 
+    def micro_batch_loss(
+        self, micro: Trajectory, logprobs: torch.Tensor, old: torch.Tensor, correct_off_policy: bool, normalizer: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's share of the minibatch loss: the policy loss (``model.loss.policy_loss``,
+        each token weighted by its off-policy weight when correcting) + β_loss · k3 KL to the reference.
+
+        Args:
+            micro: the micro-batch's rows of the trajectory.
+            logprobs: (b, T) log π_θ with grad; ``old``: (b, T) log π_old.
+            correct_off_policy: apply the behaviour weights (their statistics are logged either way).
+            normalizer: the whole minibatch's count for the aggregation (``loss_normalizer``).
+        """
+        mask, op = micro.response_mask, self.off_policy
+        aggregation = {"agg": self.loss.agg, "normalizer": normalizer, "max_tokens": self.sampling.max_tokens}
+        weights, stats = None, {}
+        if micro.behaviour_logprobs is not None:
+            weights, behaviour = rl.behaviour_weights(old, micro.behaviour_logprobs, mask, mode=op.mode,
+                                                      level=op.level, low=op.low, high=op.high)  # (b, T)
+            stats.update({f"behaviour_{name}": value for name, value in behaviour.items()})
+        loss, policy_stats = rl.POLICY_LOSSES[self.loss.policy_loss](
+            logprobs, old, micro.advantages, mask, clip_low=self.loss.clip_low, clip_high=self.loss.clip_high,
+            weights=weights if correct_off_policy else None, **aggregation,
+        )
+        stats.update(policy_stats)
+        if micro.ref_logprobs is not None:
+            kl, stats["kl_loss"] = rl.kl_loss(logprobs, micro.ref_logprobs, mask, **aggregation)
+            loss = loss + self.loss.kl_coef * kl
+        return loss, stats
+
     def loss_normalizer(self, mb: Trajectory) -> float:
-        """The loss denominator: the global minibatch's tokens per rank ("token_mean"), so that the
-        ranks' averaged gradients equal one big minibatch's; "seq_mean": the rows (equal on every rank)."""
+        """The aggregation's denominator: the global minibatch's tokens per rank ("token_mean"), so
+        that the ranks' averaged gradients equal one big minibatch's; the sequence means: its rows
+        (equal on every rank)."""
         if self.loss.agg != "token_mean":
             return float(mb.num_rows)
         return tokens_per_rank(mb.response_mask, self.process_group())

@@ -63,6 +63,7 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
         eval_settings: list[EvalSetting] | None = None,
         validate_before_fit: bool = True,
         judge: Judge = "math_verify",
+        recipe: str | None = None,
     ) -> None:
         """
         Args:
@@ -84,6 +85,8 @@ class PolicyModule(PaperEvaluation, pl.LightningModule):
             validate_before_fit: Run validation once before training ("Vanilla", epoch 0).
             judge: Judge of accuracy reward and evaluation: "math_verify" (last box vs ``answer``) or
                 "maye" (MAYE's judge vs ``solution``); compare runs under the same judge.
+            recipe: The recipe overlay the run uses (``configs/recipes/<name>.yaml`` sets its name):
+                a label in the run's config for ``maye_pl report`` and the loggers; it changes nothing else.
         """
         super().__init__()
         self.save_hyperparameters()  # the subclass's arguments too (Lightning walks its __init__ frame)

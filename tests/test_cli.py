@@ -66,7 +66,8 @@ def test_print_config_comments_give_each_group_field_its_help(capsys):
     printed = capsys.readouterr().out
     # The docstring under a field of a hyperparameter group (maye_pl/hparams.py, maye_pl/optim.py) is its help.
     for help_line in ("# Passes over each rollout batch.", "# AdamW betas (MAYE: 0.9, 0.95).",
-                      "# C, the largest importance weight"):
+                      "# C: the largest weight (\"truncate\") or the largest ratio kept (\"mask\").",
+                      "# One of ``maye_pl.rl.POLICY_LOSSES``"):
         assert help_line in printed
 
 

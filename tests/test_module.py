@@ -3,14 +3,19 @@
 Proves: bad hyperparameters are all reported at once with key, value and fix; the trajectory masks
 stop at the sampled stop token even when the pad id is itself a stop id; a response that never
 stopped gets `reward_penalty` instead of its reward; a correct boxed answer earns accuracy 1; the
-advantages are zero on padding and zero-mean over valid tokens (global whitening default).
+advantages are zero on padding and zero-mean over valid tokens (global whitening default); a
+micro-batch's loss is the configured policy loss, weights and aggregation plus the KL term.
 """
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from maye_pl import rl
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation.step_metrics import log_reflective_sample
 from maye_pl.hparams import AdvantageArgs, LossArgs, OffPolicyArgs, PPOArgs
@@ -25,7 +30,8 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         ReinforcePP(
             str(tiny_model_dir), ppo=PPOArgs(epochs=0, batch_size=6, gradient_accumulation_steps=4),
             advantages=AdvantageArgs(estimator="grpo"), sampling=SamplingConfig(n=1, logprobs=False),
-            loss=LossArgs(agg="sum", clip_low=1.0), off_policy=OffPolicyArgs(correction=True, high=0.0),
+            loss=LossArgs(policy_loss="ppo", agg="sum", clip_low=1.5),
+            off_policy=OffPolicyArgs(correction=True, mode="clip", high=0.0),
             optim=OptimArgs(eps=0.0, warmup_steps=5, warmup_ratio=0.1), judge="maye", lr=0.0,
             rewards=[RewardTerm("maye_pl.rewards.accuracy_reward")], max_tokens_per_micro_batch=0,
         )
@@ -35,7 +41,9 @@ def test_invalid_hyperparameters_are_reported_together(tiny_model_dir):
         "`model.advantages.estimator`='grpo' compares samples of the same prompt, but `model.sampling.n`=1",
         "`model.ppo.epochs`=0 must be at least 1",
         "`model.loss.agg`='sum' is unknown",
-        "`model.loss.clip_low`=1.0 must lie in [0, 1)",
+        "`model.loss.policy_loss`='ppo' is unknown; choose one of ['cispo', 'gspo', 'ppo_clip']",
+        "`model.loss.clip_low`=1.5 must lie in [0, 1]",
+        "`model.off_policy.mode`='clip' is unknown",
         "`model.off_policy.high`=0.0 must be > 0",
         "`model.off_policy.correction` needs the engine's log-probs",
         "`model.optim.eps`=0.0 must be positive",
@@ -113,3 +121,29 @@ def test_a_correct_reflective_response_is_logged_as_text(tmp_path):
     assert tag.startswith("samples/reflective_correct")
     [logged] = events.Tensors(tag)
     assert b"let me verify" in logged.tensor_proto.string_val[0]
+
+
+def test_micro_batch_loss_is_the_configured_loss_weighted_plus_the_kl_term(tiny_model_dir):
+    """The YAML's choices reach Step IV: the policy loss, its clip range and aggregation (L_max from
+    `sampling.max_tokens`), masked sequence-level importance weights, β_loss times the k3 term."""
+    module = ReinforcePP(
+        str(tiny_model_dir), sampling=SamplingConfig(n=2, max_tokens=4),
+        loss=LossArgs(policy_loss="cispo", clip_low=1.0, clip_high=4.0, agg="seq_mean_token_sum_norm", kl_coef=0.1),
+        off_policy=OffPolicyArgs(mode="mask", level="sequence", low=0.5, high=2.0),
+    )
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.5, -1.0]])
+    lp = (old + torch.tensor([[0.2, -0.1, 0.0], [0.3, 0.1, -0.2]])).requires_grad_()
+    # π_old/π_behav per response: row 0 exp(0.4) = 1.49 (kept), row 1 exp(1.2) = 3.32 > 2 (masked)
+    behaviour = old - torch.tensor([[0.1, 0.3, 0.0], [0.4, 0.4, 0.4]])
+    micro = SimpleNamespace(response_mask=mask, behaviour_logprobs=behaviour, advantages=torch.ones(2, 3),
+                            ref_logprobs=old - 0.3)
+    loss, stats = module.micro_batch_loss(micro, lp, old, True, normalizer=2.0)
+
+    weights = torch.tensor([[math.exp(0.4)] * 3, [0.0] * 3]) * mask
+    aggregation = dict(agg="seq_mean_token_sum_norm", normalizer=2.0, max_tokens=4)
+    policy, _ = rl.cispo(lp, old, micro.advantages, mask, clip_low=1.0, clip_high=4.0, weights=weights, **aggregation)
+    kl, _ = rl.kl_loss(lp, micro.ref_logprobs, mask, **aggregation)
+    torch.testing.assert_close(loss, policy + 0.1 * kl)
+    assert stats["behaviour_clip_fraction"].item() == pytest.approx(3 / 5)  # row 1's 3 tokens masked
+    assert {"policy_loss", "clip_fraction", "ratio_mean", "approx_kl", "kl_loss"} <= set(stats)

@@ -62,9 +62,9 @@ MAYE_VALUES = {
     "model.init_args.reflection_match": ("substring", "recipe: any(word in text.lower())"),
     "model.init_args.maye_position_ids": (False, "not reproduced on purpose (README differences table)"),
     "model.init_args.rewards": (
-        [{"fn": "maye_pl.rewards.maye_accuracy_reward", "weight": 1.0, "name": "accuracy"},
-         {"fn": "maye_pl.rewards.maye_format_reward", "weight": 1.0, "name": "format"},
-         {"fn": "maye_pl.rewards.language_reward", "weight": 1.0, "name": "language"}],
+        [{"fn": "maye_pl.rewards.maye_accuracy_reward", "weight": 1.0, "name": "accuracy", "kwargs": None},
+         {"fn": "maye_pl.rewards.maye_format_reward", "weight": 1.0, "name": "format", "kwargs": None},
+         {"fn": "maye_pl.rewards.language_reward", "weight": 1.0, "name": "language", "kwargs": None}],
         "recipe: scores = acc_rewards + format_rewards + language_rewards",
     ),
 }

@@ -7,6 +7,11 @@ config dump). Runs whose configs are equal after dropping these keys are seeds o
   - in trainer.logger and trainer.callbacks (a single class_path/init_args node or a list of
     them), the init_args keys in RUN_PATH_KEYS: where a run writes, not what it trains.
 A run without config.yaml forms a group of its own.
+
+A group's label names the config keys that set it apart. Runs of different recipes
+(``model.init_args.recipe``, set by ``configs/recipes/*.yaml``) are labelled by their recipe
+(``recipe=none`` without one), followed only by the keys that differ among runs of that recipe:
+a recipe changes many keys, and its name says which.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from maye_pl.evaluation.metrics_file import METRICS_FILENAME, read_metrics
 
 CONFIG_FILENAME = "config.yaml"
 RUN_PATH_KEYS = ("save_dir", "dir", "name", "version", "sub_dir", "id", "dirpath")
+RECIPE_KEY = "model.init_args.recipe"
+"""The flattened config key of a run's recipe name."""
 
 
 class ReportError(ValueError):
@@ -147,12 +154,14 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
             key = json.dumps(comparable, sort_keys=True, default=str)
             flat_configs.setdefault(key, _flatten(comparable))
         groups.setdefault(key, RunGroup(label="")).runs.append(run)
-    all_keys = set().union(*flat_configs.values()) if flat_configs else set()
-    differing = sorted(
-        k for k in all_keys if len({repr(flat.get(k)) for flat in flat_configs.values()}) > 1
-    )
+    differing = _differing_keys(list(flat_configs.values()))
     for key, group in groups.items():
-        if key in flat_configs and differing:
+        if key in flat_configs and RECIPE_KEY in differing:
+            recipe = flat_configs[key].get(RECIPE_KEY)
+            same_recipe = [flat for flat in flat_configs.values() if flat.get(RECIPE_KEY) == recipe]
+            label = ", ".join([f"recipe={recipe or 'none'}"] + [
+                f"{k}={flat_configs[key].get(k)}" for k in _differing_keys(same_recipe)])
+        elif key in flat_configs and differing:
             label = ", ".join(f"{k}={flat_configs[key].get(k)}" for k in differing)
         elif len(group.runs) > 1:
             common = os.path.commonpath([os.path.abspath(r.path) for r in group.runs])
@@ -161,6 +170,12 @@ def group_runs(runs: list[Run]) -> list[RunGroup]:
             label = os.path.basename(os.path.abspath(group.runs[0].path))
         group.label = label if len(label) <= 80 else label[:77] + "..."
     return list(groups.values())
+
+
+def _differing_keys(flat_configs: list[dict[str, Any]]) -> list[str]:
+    """The keys whose values are not the same in all of ``flat_configs``, sorted."""
+    all_keys = set().union(*flat_configs) if flat_configs else set()
+    return sorted(k for k in all_keys if len({repr(flat.get(k)) for flat in flat_configs}) > 1)
 
 
 def is_number(value: Any) -> bool:

@@ -81,25 +81,19 @@ def rollout_step_metrics(
     return metrics
 
 
+LOSS_STAT_METRICS = {"policy_loss": "loss/policy", "kl_loss": "loss/kl"}
+"""The metric of each ``ReinforcePP.micro_batch_loss`` statistic that is not ``policy/<name>``."""
+
+
 def micro_batch_stats(
-    loss: torch.Tensor,
-    loss_stats: rl.PPOLossStats,
-    entropy: torch.Tensor,
-    response_mask: torch.Tensor,
-    behaviour: rl.BehaviourWeightStats | None,
+    loss: torch.Tensor, loss_stats: dict[str, torch.Tensor], entropy: torch.Tensor, response_mask: torch.Tensor
 ) -> dict[str, float]:
-    """One micro-batch's loss and policy statistics by metric name (entropy: (b, T), token mean)."""
-    stats = {
-        "loss/total": float(loss.detach()),
-        "loss/policy": float(loss_stats.policy_loss),
-        "loss/kl": float(loss_stats.kl_loss),
-        "policy/clip_fraction": float(loss_stats.clip_fraction),
-        "policy/ratio_mean": float(loss_stats.ratio_mean),
-        "policy/approx_kl": float(loss_stats.approx_kl),
-        "policy/entropy": float((entropy.detach() * response_mask).sum() / response_mask.sum().clamp(min=1)),
-    }
-    if behaviour is not None:
-        stats.update({f"policy/behaviour_{name}": float(value) for name, value in behaviour._asdict().items()})
+    """One micro-batch's loss and policy statistics by metric name (entropy: (b, T), token mean);
+    ``loss_stats`` as ``ReinforcePP.micro_batch_loss`` returns them (``policy/<name>`` unless
+    ``LOSS_STAT_METRICS`` names another metric)."""
+    stats = {LOSS_STAT_METRICS.get(name, f"policy/{name}"): float(value) for name, value in loss_stats.items()}
+    stats["loss/total"] = float(loss.detach())
+    stats["policy/entropy"] = float((entropy.detach() * response_mask).sum() / response_mask.sum().clamp(min=1))
     return stats
 
 

@@ -1,21 +1,28 @@
 """Rewards named in the config by import path, weighted and summed into one score per response.
 
 A reward is any callable ``fn(responses: list[str], samples: list[dict]) -> Tensor`` of shape
-(B,), float32 (B responses). YAML lists ``RewardTerm``s; ``resolve_rewards`` imports them once
-at setup, ``score_responses`` calls them every step:
+(B,), float32 (B responses). ``samples[i]`` is the data record ``responses[i]`` answers, plus
+``response_length``: the response's length in tokens as the trainer scores it (the stop token
+included), for length-aware rewards. Keyword arguments of ``fn`` come from the term's ``kwargs``.
+YAML lists ``RewardTerm``s; ``resolve_rewards`` imports them once at setup, ``score_responses``
+calls them every step:
 
     rewards:
       - fn: maye_pl.rewards.accuracy_reward
       - fn: maye_pl.rewards.language_reward
       - {fn: my_project.rewards.length_bonus, weight: 0.5, name: length}
+      - {fn: maye_pl.rewards.soft_overlong_punishment, kwargs: {max_length: 2048, cache_length: 512}}
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -38,6 +45,9 @@ class RewardTerm:
     name: str | None = None
     """Name of the component in the logs (``reward/<name>``); defaults to the function's name."""
 
+    kwargs: dict[str, Any] | None = None
+    """Keyword arguments ``fn`` is called with every step, e.g. ``{max_length: 2048, cache_length: 512}``."""
+
     def __post_init__(self) -> None:
         problems = []
         if not isinstance(self.fn, str) or not self.fn.strip():
@@ -52,6 +62,8 @@ class RewardTerm:
             problems.append(
                 f"`name`={self.name!r} must be a non-empty string, or None for the function's name"
             )
+        if self.kwargs is not None and not isinstance(self.kwargs, dict):
+            problems.append(f"`kwargs`={self.kwargs!r} must be a mapping of keyword arguments, or None")
         if problems:
             raise ValueError("RewardTerm: " + "; ".join(problems) + ".")
 
@@ -101,7 +113,15 @@ def resolve_rewards(terms: list[RewardTerm]) -> list[tuple[str, float, RewardFn]
                     f"{_REWARD_CONTRACT}, e.g. 'maye_pl.rewards.accuracy_reward'"
                 )
                 continue
-        resolved.append((name, float(term.weight), imported[term.fn]))
+        fn = imported[term.fn]
+        if term.kwargs:
+            try:
+                inspect.signature(fn).bind_partial([], [], **term.kwargs)
+            except TypeError as error:
+                problems.append(f"{where}: `kwargs`={term.kwargs} do not fit its signature ({error}); fix the names")
+                continue
+            fn = functools.partial(fn, **term.kwargs)
+        resolved.append((name, float(term.weight), fn))
     if problems:
         raise ValueError("resolve_rewards:\n  " + "\n  ".join(problems))
     return resolved

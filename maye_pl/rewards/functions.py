@@ -122,6 +122,46 @@ def maye_format_reward(responses: list[str], samples: list[dict]) -> torch.Tenso
     return torch.tensor([_think_blocks(text)[0] == 1 for text in responses], dtype=torch.float32)
 
 
+def soft_overlong_punishment(
+    responses: list[str], samples: list[dict], *, max_length: int, cache_length: int
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, Eq. 13), added to the score.
+
+    With L = ``samples[i]["response_length"]`` (tokens, the stop token included; the trainer puts
+    it there), L_max = ``max_length`` and L_cache = ``cache_length``:
+
+        0                                 L <= L_max - L_cache
+        ((L_max - L_cache) - L) / L_cache L_max - L_cache < L <= L_max   (a linear ramp to -1)
+        -1                                L > L_max
+
+    Name it with its arguments in the config, e.g. ``{fn: maye_pl.rewards.soft_overlong_punishment,
+    kwargs: {max_length: 2048, cache_length: 512}}``; set ``max_length`` to ``model.sampling.max_tokens``
+    (DAPO: 20480 with a 4096-token cache, i.e. no penalty up to 16384).
+
+    Returns:
+        (B,) float32, in [-1, 0].
+    """
+    _check_batch("soft_overlong_punishment", responses, samples)
+    if not 0 < cache_length <= max_length:
+        raise ValueError(
+            f"soft_overlong_punishment: cache_length={cache_length} must lie in (0, max_length={max_length}]; "
+            "it is the length of the ramp before max_length (DAPO: 4096 of 20480)."
+        )
+    lengths = torch.tensor([_response_length(sample, index) for index, sample in enumerate(samples)],
+                           dtype=torch.float32)  # (B,)
+    ramp = ((max_length - cache_length) - lengths) / cache_length  # (B,), > 0 below the ramp
+    return torch.where(lengths > max_length, -1.0, ramp.clamp(max=0.0))  # (B,)
+
+
+def _response_length(sample: dict, index: int) -> int:
+    if "response_length" not in sample:
+        raise KeyError(
+            f"soft_overlong_punishment: samples[{index}] has no 'response_length' (keys: {sorted(sample)}); "
+            "ReinforcePP adds each response's token count there; a caller of its own must add it too."
+        )
+    return int(sample["response_length"])
+
+
 def _think_then_answer(text: str) -> bool:
     blocks, last_close = _think_blocks(text)
     if blocks != 1:

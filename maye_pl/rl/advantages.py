@@ -22,7 +22,7 @@ from maye_pl.rl.kl import kl_k3
 
 WHITEN_EPS = 1e-8
 """Added to the variance before rsqrt, as torchtune/MAYE's ``whiten``."""
-ADVANTAGE_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "grpo")
+ADVANTAGE_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "grpo", "dr_grpo")
 """The names ``estimate_advantages`` accepts."""
 
 
@@ -249,6 +249,32 @@ def grpo_advantages(
     return advantages, advantages
 
 
+def dr_grpo_advantages(scores: Tensor, response_mask: Tensor, *, group_size: int) -> tuple[Tensor, Tensor]:
+    """Dr. GRPO outcome advantages: score - prompt mean on every valid token, no std division.
+
+    Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783, Eq. 3)
+    drops GRPO's division by the prompt's std, which weights prompts that are nearly always (or
+    never) solved more; its other half, the constant loss normaliser, is the aggregation
+    "seq_mean_token_sum_norm" (``rl.aggregation``).
+
+    Args:
+        scores: (N,) with N = B*G, request-major.
+        response_mask: (N, T) bool.
+        group_size: G, samples per prompt.
+
+    Returns:
+        ``(advantages, returns)``, both (N, T) fp32 and equal, 0 on padding.
+
+    Raises:
+        ValueError: ``group_size`` < 2 or not a divisor of N.
+    """
+    _check_group_size(scores.shape[0], group_size, "dr_grpo_advantages")
+    by_prompt = scores.float().view(-1, group_size)  # (B, G)
+    centered = by_prompt - by_prompt.mean(dim=1, keepdim=True)  # (B, G)
+    advantages = centered.view(-1, 1) * response_mask  # (N, T)
+    return advantages, advantages
+
+
 def estimate_advantages(
     estimator: str,
     scores: Tensor,
@@ -264,7 +290,7 @@ def estimate_advantages(
 ) -> tuple[Tensor, Tensor]:
     """Dispatch to an advantage estimator by name (one of ``ADVANTAGE_ESTIMATORS``).
 
-    "grpo" uses only ``scores``, ``response_mask`` and ``group_size``; "reinforce_pp" ignores
+    "grpo" and "dr_grpo" use only ``scores``, ``response_mask`` and ``group_size``; "reinforce_pp" ignores
     ``group_size``. Shapes and returns as the estimators'.
     """
     if estimator == "reinforce_pp":
@@ -292,6 +318,8 @@ def estimate_advantages(
         )
     if estimator == "grpo":
         return grpo_advantages(scores, response_mask, group_size=group_size)
+    if estimator == "dr_grpo":
+        return dr_grpo_advantages(scores, response_mask, group_size=group_size)
     raise ValueError(
         f"maye_pl/rl/advantages.py estimate_advantages: unknown estimator={estimator!r}; choose "
         f"one of {list(ADVANTAGE_ESTIMATORS)}."

@@ -151,6 +151,24 @@ def test_grouping_ignores_seed_and_run_paths(runs_root: Path) -> None:
     assert changing_words(groups) == ["wait", "yet", "recheck", "rethink"]
 
 
+def test_runs_of_different_recipes_are_labelled_by_recipe(tmp_path: Path) -> None:
+    runs = []
+    for name, recipe, lr in (("base", None, 5e-6), ("gspo", "gspo", 5e-6), ("gspo_lr", "gspo", 1e-6), ("cispo", "cispo", 5e-6)):
+        write_run(tmp_path / name, 1, lr, GROUP_A[1], train_rows=False)
+        config_path = tmp_path / name / "config.yaml"
+        config_yaml = yaml.safe_load(config_path.read_text())
+        if recipe is not None:  # what the overlay sets, beside the keys it changes (here: the loss)
+            config_yaml["model"]["init_args"].update(recipe=recipe, loss={"policy_loss": recipe})
+        config_path.write_text(yaml.safe_dump(config_yaml))
+        runs.append(load_run(str(tmp_path / name)))
+    # The recipe names the group; only what differs among one recipe's runs (the lr of the two
+    # gspo runs) follows it, not every key the recipes change.
+    assert [g.label for g in group_runs(runs)] == [
+        "recipe=none", "recipe=gspo, model.init_args.lr=5e-06", "recipe=gspo, model.init_args.lr=1e-06",
+        "recipe=cispo",
+    ]
+
+
 def test_missing_metrics_skip_figures_with_notice(runs_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report_b"
     main([str(runs_root / "b"), "--out", str(out)])  # group b has only validation rows

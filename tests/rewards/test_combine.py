@@ -129,3 +129,15 @@ def test_score_responses_names_a_reward_with_the_wrong_output(fn, got):
     expected = f"reward 'bad'.*{re.escape(got)}.*must return a Tensor of shape \\(2,\\)"
     with pytest.raises(TypeError, match=expected):
         score_responses(rewards, ["a", "b"], [{}, {}])
+
+
+def test_a_term_passes_its_kwargs_and_a_misfit_is_named():
+    term = RewardTerm("maye_pl.rewards.soft_overlong_punishment", kwargs={"max_length": 8, "cache_length": 4})
+    [(name, weight, fn)] = resolve_rewards([term])
+    assert name == "soft_overlong_punishment"
+    total, _ = score_responses([(name, weight, fn)], ["a", "b"], [{"response_length": 3}, {"response_length": 6}])
+    assert total.tolist() == [0.0, -0.5]  # (4 - 6) / 4
+    with pytest.raises(ValueError, match=r"rewards\[0\].*`kwargs`=\{'max_len': 8\} do not fit its signature"):
+        resolve_rewards([RewardTerm("maye_pl.rewards.soft_overlong_punishment", kwargs={"max_len": 8})])
+    with pytest.raises(ValueError, match="`kwargs`=3 must be a mapping"):
+        RewardTerm("a.b", kwargs=3)

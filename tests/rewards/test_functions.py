@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from maye_pl.rewards import accuracy_reward, format_reward, language_reward
+from maye_pl.rewards import accuracy_reward, format_reward, language_reward, soft_overlong_punishment
 
 
 def _samples(*answers):
@@ -63,3 +63,15 @@ def test_format_reward_is_linear_on_many_unclosed_think_tags():
 def test_rewards_reject_unpaired_inputs(reward):
     with pytest.raises(ValueError, match="2 responses and 1 samples"):
         reward(["a", "b"], _samples("1"))
+
+
+def test_soft_overlong_punishment_ramps_over_the_cache():
+    # L_max 10, L_cache 4: no penalty up to 6 tokens, then (6 - L) / 4 down to -1 at 10, -1 beyond.
+    samples = [{"response_length": length} for length in (5, 6, 7, 9, 10, 11)]
+    scores = soft_overlong_punishment(["x"] * 6, samples, max_length=10, cache_length=4)
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+    with pytest.raises(ValueError, match=r"cache_length=12 must lie in \(0, max_length=10\]"):
+        soft_overlong_punishment(["x"], samples[:1], max_length=10, cache_length=12)
+    with pytest.raises(KeyError, match="no 'response_length'"):
+        soft_overlong_punishment(["x"], [{"answer": "1"}], max_length=10, cache_length=4)

@@ -6,6 +6,7 @@ import torch
 
 from maye_pl.rl.advantages import (
     discounted_returns,
+    dr_grpo_advantages,
     estimate_advantages,
     grpo_advantages,
     masked_whiten,
@@ -180,6 +181,21 @@ def test_grpo_per_prompt_normalisation():
     assert ret is adv
 
 
+def test_dr_grpo_centres_on_the_prompt_mean_without_the_std():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    mask[3, 1] = False
+    adv, ret = dr_grpo_advantages(scores, mask, group_size=4)
+    # prompt 0: mean 0.25 -> [0.75, -0.25, -0.25, -0.25]; prompt 1: mean 0.75 -> [0.25, 0.25, -0.75, 0.25]
+    # (GRPO would divide prompt 0 by its std 0.5 and prompt 1 by 0.5 too: twice these.)
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25])[:, None].expand(8, 2).clone()
+    expected[3, 1] = 0.0  # padding
+    torch.testing.assert_close(adv, expected)
+    assert ret is adv
+    with pytest.raises(ValueError, match="dr_grpo_advantages: group_size=3"):
+        dr_grpo_advantages(scores, mask, group_size=3)
+
+
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_bad_group_size_raises(group_size):
     scores = torch.zeros(4)
@@ -206,6 +222,7 @@ def test_estimate_advantages_dispatch():
             scores, lp, ref, mask, group_size=2, **common
         ),
         "grpo": grpo_advantages(scores, mask, group_size=2),
+        "dr_grpo": dr_grpo_advantages(scores, mask, group_size=2),
     }
     for name, (adv, ret) in calls.items():
         got_adv, got_ret = estimate_advantages(
