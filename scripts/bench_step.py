@@ -1,8 +1,10 @@
 """Benchmark the training step with pipelined rollouts (``rollout.max_staleness 1``) against the
-synchronous loop (``0``, MAYE's), in one invocation, through the real vLLM engine on the CPU.
+synchronous loop (``0``, MAYE's), or two engines against one (``--compare engines``), in one
+invocation, through the real vLLM engine on the CPU.
 
     python scripts/bench_step.py                 # TRL-matched settings (below), 12 steps each
     python scripts/bench_step.py --steps 6 --json
+    python scripts/bench_step.py --compare engines   # 2 trainer ranks: 1 engine vs 2 engines
 
 Settings (those of the TRL GRPOTrainer comparison in the README): the tiny random Qwen2.5-VL,
 8 prompts x 4 samples per step, 32 new tokens, one optimizer step per rollout batch
@@ -18,6 +20,13 @@ starts the engine (the spawned engine inherits the mask, and its OpenMP pool siz
 then, once the engine process exists, to the trainer's cores, with as many torch threads.
 Override with ``--trainer-cores`` / ``--engine-cores`` (e.g. "0-3" / "4-7").
 
+``--compare engines``: two `python -m maye_pl fit` runs on 2 FSDP2 ranks (the same global batch,
+4 prompts per rank), synchronous, with ``rollout.num_engines`` 1 (rank 0's engine generates all 8
+prompts) and 2 (each rank's engine its own 4); no pinning: the OS shares the 2 cores between the
+ranks and the engines (during generation only the engines work). Printed as above, plus the
+imbalance of the two engines' times (``perf/generate_imbalance``) and the ratios 2 / 1 engines of
+the median step, generate and sync.
+
 Printed per mode: the median step (wall time from one step's start to the next's), the median of
 each phase — ``generate`` (engine busy on the step's batch, timed in the engine process), ``wait``
 (trainer blocked for it), ``trajectory`` (Step III), ``update`` (Step IV), ``sync`` (weight gather
@@ -32,6 +41,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +53,7 @@ import lightning.pytorch as pl
 import psutil
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 PHASES = {
     "generate": "perf/generate_s",
     "wait": "perf/rollout_wait_s",
@@ -58,16 +70,25 @@ def pin_threads(cores: set[int]) -> None:
 
 class StepClock(pl.Callback):
     """Wall time of every training step (start to next start) and the step's perf/ metrics; moves
-    the trainer onto its own cores once RolloutCallback (listed before it) has started the engine."""
+    the trainer onto its own cores once RolloutCallback (listed before it) has started the engine.
+    Through the CLI (``--trainer.callbacks+=bench_step.StepClock``), global rank 0 writes both to
+    ``out_file`` at the end."""
 
-    def __init__(self, trainer_cores: set[int]) -> None:
+    def __init__(self, trainer_cores: set[int] | None = None, out_file: str | None = None) -> None:
+        """
+        Args:
+            trainer_cores: Cores to pin the trainer to (None: leave the affinity alone).
+            out_file: JSON file for the step starts and phases (None: keep them in memory).
+        """
         self.trainer_cores = trainer_cores
+        self.out_file = out_file
         self.starts: list[float] = []
         self.phases: list[dict[str, float]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
-        pin_threads(self.trainer_cores)
-        torch.set_num_threads(len(self.trainer_cores))
+        if self.trainer_cores:
+            pin_threads(self.trainer_cores)
+            torch.set_num_threads(len(self.trainer_cores))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.starts.append(time.perf_counter())
@@ -78,6 +99,8 @@ class StepClock(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.starts.append(time.perf_counter())
+        if self.out_file and trainer.is_global_zero:
+            Path(self.out_file).write_text(json.dumps({"starts": self.starts, "phases": self.phases}))
 
 
 def parse_cores(text: str) -> set[int]:
@@ -113,8 +136,40 @@ def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: a
         default_root_dir=str(out),
     )
     trainer.fit(module, MayeDataModule(data["train"], batch_size=args.prompts, processor_path=model_dir))
-    steps = [end - start for start, end in zip(clock.starts, clock.starts[1:])][args.warmup:]
-    phases = clock.phases[args.warmup:]
+    return {"max_staleness": max_staleness, **summarize(clock.starts, clock.phases, args.warmup)}
+
+
+def run_engines(num_engines: int, model_dir: Path, data: dict[str, Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """A synchronous `fit` on 2 FSDP2 ranks with ``num_engines`` engines, through the CLI."""
+    clock_file = out / "clock.json"
+    ranks = 2
+    command = [
+        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs/demo.yaml"), "--demo_assets", "false",
+        "--model.model_path", str(model_dir), "--data.train_path", str(data["train"]),
+        "--data.val_path", "null", "--data.test_path", "null", "--model.validate_before_fit", "false",
+        "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.devices", str(ranks), "--trainer.strategy", "fsdp2", "--rollout.num_engines", str(num_engines),
+        "--data.batch_size", str(args.prompts // ranks), "--model.sampling.n", str(args.samples),
+        "--model.sampling.max_tokens", str(args.max_tokens), "--model.ppo.batch_size", str(args.prompts // ranks * args.samples),
+        "--model.ppo.gradient_accumulation_steps", "1", "--model.loss.kl_coef", "0.001", "--model.optim.warmup_steps", "0",
+        "--trainer.logger.init_args.save_dir", str(out / "runs"), "--data.token_count_cache", str(out / "token_counts"),
+        "--trainer.callbacks+=bench_step.StepClock", "--trainer.callbacks.out_file", str(clock_file),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out.mkdir(parents=True)
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the {num_engines}-engine fit failed:\n{result.stderr[-4000:]}")
+    clock = json.loads(clock_file.read_text())
+    summary = summarize(clock["starts"], clock["phases"], args.warmup)
+    summary["imbalance"] = statistics.median(row.get("perf/generate_imbalance", 0.0) for row in clock["phases"][args.warmup:])
+    return {"num_engines": num_engines, **summary}
+
+
+def summarize(starts: list[float], all_phases: list[dict[str, float]], warmup: int) -> dict[str, Any]:
+    """Median step, median phases and the overlap fraction of the steps after ``warmup``."""
+    steps = [end - start for start, end in zip(starts, starts[1:])][warmup:]
+    phases = all_phases[warmup:]
     medians = {name: statistics.median(row.get(key, 0.0) for row in phases) for name, key in PHASES.items()}
     medians["sync"] = statistics.median(
         row.get("perf/weight_gather_s", 0.0) + row.get("perf/weight_push_s", 0.0) for row in phases
@@ -125,12 +180,13 @@ def run_mode(max_staleness: int, model_dir: Path, data: dict[str, Path], args: a
     busy = sum(row.get(PHASES["trajectory"], 0.0) + row.get(PHASES["update"], 0.0) + row.get("perf/weight_gather_s", 0.0)
                + row.get("perf/weight_push_s", 0.0) for row in phases)
     overlap = min(1.0, max(0.0, (engine + busy - sum(steps)) / engine)) if engine else 0.0
-    return {"max_staleness": max_staleness, "steps": len(steps), "median_step_s": step, "phases_s": medians,
-            "overlap_fraction": overlap}
+    return {"steps": len(steps), "median_step_s": step, "phases_s": medians, "overlap_fraction": overlap}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", choices=("staleness", "engines"), default="staleness",
+                        help="max_staleness 1 vs 0 (one process), or 2 engines vs 1 (2 trainer ranks).")
     parser.add_argument("--steps", type=int, default=12, help="Measured generation steps per mode.")
     parser.add_argument("--warmup", type=int, default=2, help="Steps run first and not measured.")
     parser.add_argument("--prompts", type=int, default=8, help="Prompts per step (B).")
@@ -150,16 +206,25 @@ def main() -> None:
         tmp_path = Path(tmp)
         model_dir = ensure_tiny_model(tmp_path / "tiny")
         data = generate_geometry_dataset(tmp_path / "geo", n_train=args.prompts * (args.steps + args.warmup), n_val=0, n_test=0)
-        results = [run_mode(staleness, model_dir, data, args, tmp_path / f"run{staleness}") for staleness in (0, 1)]
+        if args.compare == "engines":
+            results = [run_engines(k, model_dir, data, args, tmp_path / f"engines{k}") for k in (1, 2)]
+        else:
+            results = [run_mode(staleness, model_dir, data, args, tmp_path / f"run{staleness}") for staleness in (0, 1)]
+    key = "num_engines" if args.compare == "engines" else "max_staleness"
     ratio = results[1]["median_step_s"] / results[0]["median_step_s"]
     if args.json:
-        print(json.dumps({"results": results, "ratio_pipelined_to_sync": ratio}))
+        print(json.dumps({"results": results, f"ratio_{results[1][key]}_to_{results[0][key]}": ratio}))
         return
     names = ["generate", "wait", "trajectory", "update", "sync", "other"]
-    print(f"{'max_staleness':>13} {'step s':>7} " + " ".join(f"{n:>10}" for n in names) + f" {'overlap':>8}")
+    print(f"{key:>13} {'step s':>7} " + " ".join(f"{n:>10}" for n in names) + f" {'overlap':>8}")
     for row in results:
-        print(f"{row['max_staleness']:>13} {row['median_step_s']:>7.3f} "
+        print(f"{row[key]:>13} {row['median_step_s']:>7.3f} "
               + " ".join(f"{row['phases_s'][n]:>10.3f}" for n in names) + f" {row['overlap_fraction']:>8.2f}")
+    if args.compare == "engines":
+        one, two = results[0]["phases_s"], results[1]["phases_s"]
+        print(f"2 / 1 engines: median step {ratio:.2f}x, generate (slowest engine) {two['generate'] / one['generate']:.2f}x, "
+              f"sync {two['sync'] / one['sync']:.2f}x; median imbalance of the 2 engines {results[1]['imbalance']:.2f}")
+        return
     print(f"pipelined / synchronous median step: {ratio:.2f}x")
     sync = results[0]["phases_s"]
     generate, train = sync["generate"], sync["trajectory"] + sync["update"]

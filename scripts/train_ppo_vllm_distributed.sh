@@ -8,13 +8,15 @@
 #   MODEL_DIR  where the HF checkpoints live (default: ./models)
 #
 # Lightning launches the 7 training processes itself (trainer.devices: 7); the RolloutCallback on
-# global rank 0 starts vLLM in its own process with CUDA_VISIBLE_DEVICES set to the first GPU the
-# trainer does not use. Extra flags override the YAML, e.g. `--trainer.max_epochs 3 --model.lr 1e-6`.
+# rank 0 starts vLLM in its own process with CUDA_VISIBLE_DEVICES set to the first GPU the trainer
+# does not use. Extra flags override the YAML, e.g. `--trainer.max_epochs 3 --model.lr 1e-6`.
+# More engines per node: `--trainer.devices 6 --rollout.num_engines 2` (6+2: ranks 0-2 generate on
+# GPU 6, ranks 3-5 on GPU 7), `--trainer.devices 4 --rollout.num_engines 4` (4+4); README: layouts.
 #
 # Multi-node: run the same command on every node with `--trainer.num_nodes N` and the usual
 # torch.distributed variables (MASTER_ADDR, MASTER_PORT, NODE_RANK) set, or under SLURM with
-# `srun` (Lightning reads SLURM's variables). Only global rank 0 owns an engine, on its node's
-# spare GPU; keep `trainer.devices` at 7 on 8-GPU nodes.
+# `srun` (Lightning reads SLURM's variables). Every node runs its own engines on its spare GPUs and
+# its ranks' prompts stay on the node; keep `trainer.devices` at 7 on 8-GPU nodes (7+1 each).
 #
 # Preemption (SLURM, Kubernetes, spot instances): on SIGTERM or SIGUSR1 every rank finishes the
 # current step, checkpoints it, shuts the engine down and exits 143; `--ckpt_path last` resumes from

@@ -1,11 +1,14 @@
 """Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
 
+- ``fit_workdir``: a directory with what ``fit_command`` trains on (the tiny model, a geometry set).
 - ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
   that records each step's prompt ids as the step starts (``PromptIdsRecorder``), with the
   console a user gets (the default progress bar and summary).
 - ``RunningFit``: such a run in the background, in its own session, to signal it mid-step or
   mid-validation; its waits are on events (a step or validation batch started, a line printed),
-  never fixed sleeps, so the time bounds the tests assert start at the event they bound.
+  never fixed sleeps, so the time bounds the tests assert start at the event they bound. With
+  ``nodes`` > 1, one process per simulated node on this machine (NODE_RANK 0..n-1, a shared
+  MASTER_PORT: what a cluster's launcher sets on each node).
 - ``has_letter_e``: a reward by import path for runs whose groups must sometimes score alike.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +65,17 @@ class PromptIdsRecorder(pl.Callback):
                                           "ids": [sample["id"] for sample in batch]})
 
 
+def fit_workdir(root: Path, n_train: int) -> Path:
+    """``root`` with the tiny model (``tiny/``) and ``n_train`` training samples (``geo/``: a step
+    takes 2), the files ``fit_command`` points at."""
+    from maye_pl.data import generate_geometry_dataset
+    from maye_pl.models.tiny import ensure_tiny_model
+
+    ensure_tiny_model(root / "tiny")
+    generate_geometry_dataset(root / "geo", n_train=n_train, n_val=0, n_test=0)
+    return root
+
+
 def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:
     """The `fit` command line on ``tmp_path``'s tiny model and geometry set, its environment and its
     output directory ``tmp_path/name`` (created; prompt ids land there, metrics in runs/demo/name)."""
@@ -86,23 +101,33 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
 
 class RunningFit:
     """A `fit` started in the background in its own session; its output (stdout, where the engine
-    logs, and stderr) goes to ``<out>/output.txt``."""
+    logs, and stderr) goes to ``<out>/output.txt`` (node n > 0: ``output_node<n>.txt``)."""
 
-    def __init__(self, command: tuple[list[str], dict[str, str], Path], cwd: Path) -> None:
+    def __init__(self, command: tuple[list[str], dict[str, str], Path], cwd: Path, nodes: int = 1) -> None:
         """
         Args:
             command: ``(args, env, out)`` as ``fit_command`` returns them.
             cwd: Working directory of the run.
+            nodes: processes to start, one per simulated node (the command passes
+                ``--trainer.num_nodes`` itself).
         """
         args, env, self.out = command
-        self._output = open(self.out / "output.txt", "w")
-        self.process = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._output, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        port = _free_port()
+        self._paths = [self.out / ("output.txt" if node == 0 else f"output_node{node}.txt") for node in range(nodes)]
+        self._outputs = [open(path, "w") for path in self._paths]
+        self.processes = [
+            subprocess.Popen(args, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**env, **({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                             "NODE_RANK": str(node)} if nodes > 1 else {})})
+            for node, output in enumerate(self._outputs)
+        ]
+        self.process = self.processes[0]
+        """Node 0's process (global rank 0)."""
 
     @property
     def output(self) -> str:
-        """What the user sees on the terminal so far (stdout and stderr interleaved)."""
-        return (self.out / "output.txt").read_text()
+        """What the user sees on the terminal so far (stdout and stderr interleaved; every node's)."""
+        return "".join(path.read_text() for path in self._paths)
 
     def engines(self) -> list[psutil.Process]:
         """The run's engine hosts (found by maye_pl's "vLLM engine on cpu ready in 3.1 s (pid N)" line,
@@ -147,22 +172,31 @@ class RunningFit:
             time.sleep(0.05)
 
     def interrupt(self) -> None:
-        """Ctrl-C as a terminal sends it: SIGINT to the run's whole process group (its ranks and
+        """Ctrl-C as a terminal sends it: SIGINT to node 0's whole process group (its ranks and
         its engine processes)."""
         os.killpg(self.process.pid, signal.SIGINT)
 
-    def wait(self, timeout_s: float) -> tuple[int | None, float]:
-        """(exit status or None if still running after ``timeout_s``, seconds waited)."""
+    def wait(self, timeout_s: float) -> tuple[int | tuple[int, ...] | None, float]:
+        """(exit status, or every node's when they differ, or None if one still runs after
+        ``timeout_s``; seconds waited)."""
         start = time.monotonic()
         try:
-            code = self.process.wait(timeout=timeout_s)
+            codes = [process.wait(timeout=max(start + timeout_s - time.monotonic(), 0)) for process in self.processes]
         except subprocess.TimeoutExpired:
-            code = None
-        return code, time.monotonic() - start
+            return None, time.monotonic() - start
+        return (codes[0] if len(set(codes)) == 1 else tuple(codes)), time.monotonic() - start
 
     def kill(self) -> None:
-        """SIGKILL whatever of the run's session is left (its ranks; engines die with their owner)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self._output.close()
+        """SIGKILL whatever of the run's sessions is left (its ranks; engines die with their owner)."""
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for output in self._outputs:
+            output.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -3,22 +3,27 @@ every model family (its demo config: configs/demo.yaml, demo_qwen2_vl.yaml, demo
 
 Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same global batch (each a
 2-step demo fit through the real vLLM engine):
-  - 2 ranks, FSDP2Strategy with activation checkpointing, 2 prompts per rank (the engine on rank 0
-    generates for both ranks), both compute switches on: token-budget micro-batches
-    (``model.max_tokens_per_micro_batch``) and one prompt pass per group (``model.dedup_group_prompts``);
+  - 2 ranks, FSDP2Strategy with activation checkpointing, 2 prompts per rank, both compute
+    switches on: token-budget micro-batches (``model.max_tokens_per_micro_batch``) and one prompt
+    pass per group (``model.dedup_group_prompts``); for Qwen2.5-VL one engine per rank
+    (`rollout.num_engines 2`: each rank's engine generates its own prompts, requests 0-1 and 2-3 of
+    the step), for Qwen3-VL one engine on rank 0 that generates for both ranks;
   - 1 process, no sharding, 4 prompts, both switches off (padded row micro-batches).
+(The 2-engine run also validates before fitting: the evaluation scheme through both engines, the
+validation's engines then serving the fit.)
 Every training prompt is the same problem (distinct ids), so the data sampler's split of the batch
-over ranks cannot change what is generated: the engine sees the same 4 requests in the same order
-and samples the same responses. One minibatch per generation step (ppo.batch_size = all rows), so
+over ranks cannot change what is generated, and each sample's seed is its global request's: one
+engine or two, the same 4 requests are sampled into the same responses. One minibatch per generation step (ppo.batch_size = all rows), so
 after two optimizer steps the policies must agree to 1e-5: this proves the prompt gather/scatter
 through rank 0, the global whitening of advantages, the global token-mean loss normaliser, the
-sharded reference model, DTensor gradient clipping and the weight streaming into the engine (the
-second step's rollouts come from the synced weights) compose into the single-process algorithm,
-and that the compute switches change no number: the gradient norm of each step agrees to 1e-4
-(relative) with the padded path's, through sharded prompt passes whose backward runs after the
-micro-batches' under activation checkpointing;
-and the engine's logprobs of its samples equal the trainer's after each sync (≤ 1e-4), for the
-collective weight transport under FSDP2 and for the pipe transport in one process.
+sharded reference model, DTensor gradient clipping and the weight streaming into the engines (the
+second step's rollouts come from the synced weights: gathered once, relayed by rank 0 to the
+second engine's owner) compose into the single-process algorithm, and that the compute switches
+change no number: the gradient norm of each step agrees to 1e-4 (relative) with the padded path's,
+through sharded prompt passes whose backward runs after the micro-batches' under activation
+checkpointing; and the engines' logprobs of their samples equal the trainer's after each sync
+(≤ 1e-4, the mean over both ranks, so both engines are in sync), for the collective weight
+transport under FSDP2 and for the pipe transport in one process.
 """
 
 from __future__ import annotations
@@ -85,20 +90,25 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
 # Qwen3-VL's layout differs (DeepStack mergers in the root unit); Qwen2-VL's parts and units are
 # Qwen2.5-VL's and it passes too (`-k qwen2_vl` after adding it here), left out for the suite's time
 # budget; Qwen3.5 has no fp32 CPU engine (ENGINE_FAMILIES).
-@pytest.mark.parametrize(("family", "sharded_transport"),
-                         [("qwen2_5_vl", "collective"), ("qwen3_vl", "shared_memory")],
+@pytest.mark.parametrize(("family", "sharded_transport", "engines"),
+                         [("qwen2_5_vl", "collective", 2), ("qwen3_vl", "shared_memory", 1)],
                          indirect=["family"])
-def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, sharded_transport):
+def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, sharded_transport, engines):
     model, config = family_model_dir, DEMO_CONFIGS[family]
     train = _same_problem_split(tmp_path)
     # The runs use different weight transports: the sharded one streams out of the shards over the
     # engine's private gloo group (the default) or through shared memory, the single one sends
     # safetensors bytes through the pipe.
+    # With 2 engines the run also validates first (Vanilla) on 2 samples, which serves the fit's
+    # engines (validation does not touch the weights or the trainer's random state).
+    validating = ["--data.val_path", str(generate_geometry_dataset(tmp_path / "val", n_train=1, n_val=2, n_test=0)["val"]),
+                  "--model.validate_before_fit", "true", "--trainer.limit_val_batches", "1"] if engines > 1 else []
     strategy = {"class_path": "maye_pl.strategies.FSDP2Strategy", "init_args": {"activation_checkpointing": True}}
     # Budget 128 tokens: each prompt (140-180 tokens) gets its own prompt pass, two responses share a
     # micro-batch (2 x 48 tokens), so each step runs several micro-batches before the prompts' backward.
     sharded = _fit(tmp_path, "fsdp2", train, model, "--trainer.devices", "2",
                    "--trainer.strategy", json.dumps(strategy), "--rollout.weight_transport", sharded_transport,
+                   "--rollout.num_engines", str(engines), *validating,
                    "--data.batch_size", "2", "--model.ppo.batch_size", "4",
                    "--model.max_tokens_per_micro_batch", "128", "--model.dedup_group_prompts", "true", config=config)
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo.batch_size", "8",
@@ -120,11 +130,13 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
     # process (pipe): the engine's logprobs of its own samples equal the trainer's (mean abs
     # difference over every sampled token).
     grad_norms = []
-    for label, checkpoint in ((f"2 FSDP2 ranks, {sharded_transport}", sharded), ("1 process, pipe", single)):
+    for label, checkpoint in ((f"2 FSDP2 ranks, {engines} engine(s), {sharded_transport}", sharded), ("1 process, pipe", single)):
         rows = [json.loads(line) for line in (checkpoint.parent.parent / "metrics.jsonl").read_text().splitlines()]
         mismatch = [row["policy/engine_logprob_mismatch"] for row in rows if "policy/engine_logprob_mismatch" in row]
         print(f"engine/trainer logprob mismatch per step ({label}): {mismatch}")
         assert len(mismatch) == 2 and max(mismatch) <= 1e-4
+        if checkpoint is sharded and engines > 1:  # the evaluation scheme ran through both engines
+            assert any(row.get("val/pass@1_t0.01") is not None for row in rows)
         grad_norms.append([row["policy/grad_norm"] for row in rows if "policy/grad_norm" in row])
     # The switches (and the sharding) leave each step's gradient as it was: norms before clipping.
     print(f"grad norm per step (switches on, 2 ranks / off, 1 process): {grad_norms}")

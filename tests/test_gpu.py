@@ -1,7 +1,8 @@
 """Checks that need a CUDA GPU: run them on a GPU node with ``pytest -m gpu``.
 
-They are deselected on CPU machines (``addopts`` has ``-m "not gpu"``) and need no vLLM: the
-engine here is the HF one, beside the trainer on the same GPU. What they prove:
+They are deselected on CPU machines (``addopts`` has ``-m "not gpu"``). The first ones need no
+vLLM (the engine is the HF one, beside the trainer on the same GPU); the engine-group ones need
+vLLM and 3-4 GPUs (skipped with fewer). What they prove:
 
 - the demo config trains through the CLI on CUDA under ``FSDP2Strategy`` in bf16 (with and
   without activation checkpointing): every policy parameter is a DTensor on the GPU in bf16, the
@@ -9,7 +10,11 @@ engine here is the HF one, beside the trainer on the same GPU. What they prove:
   finite, the weights move, and the checkpoint holds bf16 tensors;
 - the engine placement on a real GPU machine: with every GPU taken by the trainer,
   ``rollout.device: auto`` stops with the clear error (no vLLM needed: the decision comes first);
-  the engine process's environment shows it exactly its one GPU (or none for a CPU engine).
+  the engine process's environment shows it exactly its GPUs (or none for a CPU engine);
+- two vLLM engines per node (``rollout.num_engines 2``, 2 trainer ranks + 2 engine GPUs: the 6+2
+  layout in miniature) train in bf16, each on the GPU after the trainer's, in sync with the trainer
+  every step; an engine spanning 2 GPUs (``rollout.tensor_parallel_size 2``) takes its weight syncs
+  over NCCL to both of its workers.
 """
 
 from __future__ import annotations
@@ -128,18 +133,58 @@ def test_engine_auto_placement_refuses_the_trainers_only_gpu(tmp_path):
     result = _fit(tmp_path, "placement", "--rollout.engine", "vllm", "--rollout.device", "auto",
                   "--model.dtype", "bfloat16", "--rollout.dtype", "bfloat16", visible_gpus="0")
     assert result.returncode != 0
-    expected = "engine.device='auto' needs a GPU the trainer does not use, but trainer.devices=1 uses all 1 visible GPUs"
+    expected = ("`rollout.device`='auto' needs 1 GPU(s) the trainer does not use (`rollout.num_engines`=1 x "
+                "`rollout.tensor_parallel_size`=1), but `trainer.devices`=1 leaves 0 of the 1 visible GPUs")
     assert expected in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("device", ["cuda:0", "cpu"])
-def test_engine_process_sees_only_its_device(device):
-    """A stand-in engine process started with ``engine_environment`` sees one GPU (or none)."""
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:0,1", "cpu"])
+def test_engine_process_sees_only_its_devices(device):
+    """A stand-in engine process started with ``engine_environment`` sees its GPUs (or none)."""
+    gpus = device.removeprefix("cuda:").split(",") if device != "cpu" else []
+    if len(gpus) > torch.cuda.device_count():
+        pytest.skip(f"needs {len(gpus)} GPUs")
     probe = "import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.device_count() else '-')"
     env = engine_environment(device, {**os.environ, "RANK": "0", "WORLD_SIZE": "7", "MASTER_PORT": "1"})
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     count, gpu_name = out.strip().split(" ", 1)
-    if device == "cpu":
-        assert count == "0"
-    else:
-        assert count == "1" and gpu_name == torch.cuda.get_device_name(0)
+    assert int(count) == len(gpus)
+    if gpus:
+        assert gpu_name == torch.cuda.get_device_name(0)
+
+
+def _engine_steps(tmp_path: Path, name: str, result: subprocess.CompletedProcess) -> list[dict]:
+    assert result.returncode == 0, result.stderr[-6000:]
+    steps = [row for row in read_metrics(str(tmp_path / f"runs/demo/{name}")) if "loss/policy" in row]
+    assert steps
+    for row in steps:
+        # bf16 vLLM engines vs the bf16 FSDP2 trainer on the same weights: rounding-level (a stale or
+        # half-updated engine is off by far more).
+        assert math.isfinite(row["loss/total"]) and row["policy/engine_logprob_mismatch"] < 0.1
+    return steps
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs: 2 trainer ranks + 2 engines")
+def test_two_engines_per_node_train_in_sync(tmp_path):
+    """6+2 in miniature: `trainer.devices 2` + `rollout.num_engines 2`: the engines take cuda:2 and
+    cuda:3 (`rollout.device auto`), each rank's prompts go to its own engine, every sync reaches both."""
+    result = _fit(tmp_path, "two_engines", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+                  "--rollout.engine", "vllm", "--rollout.num_engines", "2", "--rollout.device", "auto",
+                  "--rollout.gpu_memory_utilization", "0.3", "--rollout.kv_cache_gb", "null",
+                  "--model.dtype", "bfloat16", "--rollout.dtype", "bfloat16", "--data.batch_size", "4",
+                  "--model.ppo.batch_size", "8")
+    steps = _engine_steps(tmp_path, "two_engines", result)
+    output = result.stdout + result.stderr
+    assert "vLLM engine on cuda:2 ready" in output and "vLLM engine on cuda:3 ready" in output
+    assert all("perf/generate_imbalance" in row for row in steps)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs 3 GPUs: 1 trainer + an engine on 2")
+def test_a_tensor_parallel_engine_takes_its_syncs_on_both_gpus(tmp_path):
+    result = _fit(tmp_path, "tp2", "--rollout.engine", "vllm", "--rollout.tensor_parallel_size", "2",
+                  "--rollout.device", "auto", "--rollout.gpu_memory_utilization", "0.3", "--rollout.kv_cache_gb", "null",
+                  "--model.dtype", "bfloat16", "--rollout.dtype", "bfloat16")
+    _engine_steps(tmp_path, "tp2", result)
+    assert "vLLM engine on cuda:1,2 ready" in result.stdout + result.stderr

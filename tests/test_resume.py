@@ -4,8 +4,10 @@
 times in fresh processes, with the default console (progress bar, summary), in three layouts: one
 process (a single .ckpt file) synchronous and validating every 2 generation steps; one process
 pipelined (`rollout.max_staleness 1`: the rollouts of the batch in flight at the checkpoint are
-saved with it); pipelined on 2 FSDP2 ranks over gloo (a sharded DCP checkpoint, each rank's sampler
-position restored). Each run has a fresh module, trainer, data module and engine: an uninterrupted
+saved with it); pipelined on 2 simulated nodes (two `fit` processes on localhost, NODE_RANK 0 and 1,
+one FSDP2 rank and one vLLM engine each, gloo between them: a sharded DCP checkpoint, each rank's
+sampler position restored, each engine generating its own node's prompts, the batch in flight
+gathered from both engines into the checkpoint). Each run has a fresh module, trainer, data module and engine: an uninterrupted
 `fit` of 4 generation steps (one epoch of 4 batches, two optimizer steps each, so the minibatch
 shuffle matters); the same `fit` stopped in step 2 (SIGTERM; Ctrl-C to the process group in the
 pipelined one-process layout), which must finish that step and checkpoint it
@@ -34,7 +36,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from maye_pl.export import read_checkpoint
 from maye_pl.models.loading import load_policy
 from maye_pl.models.tiny import ensure_tiny_model
 from maye_pl.preemption import PREEMPTED_EXIT_CODE
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.strategies import FSDP2Strategy
 from maye_pl.strategies.fsdp2 import publish_checkpoint
 
@@ -81,26 +83,35 @@ def _fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dic
     return args, env, out
 
 
+def _nodes(extra: tuple[str, ...]) -> int:
+    return int(extra[extra.index("--trainer.num_nodes") + 1]) if "--trainer.num_nodes" in extra else 1
+
+
 def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
-    """One `fit` in a fresh process, to its end; returns its output directory."""
-    args, env, out = _fit_command(tmp_path, name, *extra)
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
-    return out
+    """One `fit` in fresh processes (one per node), to its end; returns its output directory."""
+    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
+    try:
+        code, _ = run.wait(timeout_s=600)
+    finally:
+        run.kill()
+    assert code == 0, f"{name} failed ({code}):\n{run.output[-6000:]}"
+    return run.out
 
 
 def _preempt(tmp_path: Path, name: str, how: str, *extra: str) -> tuple[Path, str]:
     """A `fit` stopped mid-step RESUME_AFTER (``how`` = "SIGTERM", or "Ctrl-C" to its process group
     as a terminal sends it) or during the validation after it ("SIGTERM in validation"). It must
     print where its checkpoint is, then exit with status 143 within 15 s of that line, leaving no
-    engine process. Returns its output directory and what it printed."""
-    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path)
+    engine process (with ``--trainer.num_nodes`` 2: a process per node, stopped on node 0, both
+    exiting so). Returns its output directory and what it printed."""
+    run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
     try:
         if how == "SIGTERM in validation":
             run.wait_for_validation_batch(1)
         else:
             run.wait_for_step(RESUME_AFTER)
         engines = run.engines()
+        assert sum(process.name() == HOST_PROCESS_NAME for process in engines) == _nodes(extra)  # one per node
         run.interrupt() if how == "Ctrl-C" else run.process.send_signal(signal.SIGTERM)
         run.wait_for_output("Preempted by ")  # the step (or validation batch) ended, the checkpoint is written
         code, exit_s = run.wait(timeout_s=60)
@@ -171,12 +182,13 @@ DYNAMIC_SAMPLING = ["--model.dynamic_sampling.enabled", "true", "--model.dynamic
         # saved in the single checkpoint file here, in the sharded directory below. With DAPO's
         # dynamic sampling: the extra rounds of the resumed steps draw the same prompts and seeds.
         (["--rollout.max_staleness", "1", *DYNAMIC_SAMPLING], "Ctrl-C"),
-        # 1 prompt per rank: the same 2 prompts (4 rows) per generation step, 2 minibatches of 1 prompt.
-        # (The synchronous 2-rank layout passes too; left out for the suite's time.)
-        (["--rollout.max_staleness", "1", "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        # 2 nodes x 1 rank, an engine per node; 1 prompt per rank: the same 2 prompts (4 rows) per
+        # generation step, 2 minibatches of 1 prompt. (The 2-rank layouts on one node with one
+        # engine, synchronous or pipelined, pass too; left out for the suite's time.)
+        (["--rollout.max_staleness", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "fsdp2",
           "--data.batch_size", "1", "--model.ppo.batch_size", "1"], "SIGTERM"),
     ],
-    ids=["one-process-validating", "one-process-pipelined", "two-fsdp2-ranks-pipelined"],
+    ids=["one-process-validating", "one-process-pipelined", "two-nodes-pipelined"],
 )
 def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
     ensure_tiny_model(tmp_path / "tiny")
@@ -226,6 +238,8 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, layout, how):
         # version back), then on what the engine sampled from the restored weights; equal metrics
         # for every resumed step (above) prove both, and the rollouts are one version stale.
         assert all(row["policy/staleness"] == OPTIMIZER_STEPS_PER_GENERATION for row in resumed_rows.values())
+        # Step 1 was sampled by the weights it trains (both engines started in sync; 5e-7).
+        assert full_rows[1]["policy/engine_logprob_mismatch"] < 1e-4
 
     if DYNAMIC_SAMPLING[0] in layout:  # groups were dropped and kept, extra rounds ran (the same on resume)
         dynamic = [(row["rollout/dynamic_rounds"], row["rollout/kept_group_ratio"]) for row in full_rows.values()]

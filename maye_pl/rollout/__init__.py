@@ -5,7 +5,7 @@ that feeds the trainer (``maye_pl.rollout.pipeline``; the Lightning callback aro
 
 from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.hf_engine import HFEngine
-from maye_pl.rollout.placement import choose_engine_device, engine_environment
+from maye_pl.rollout.placement import engine_devices, engine_environment
 from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 from maye_pl.types import Rollout, RolloutRequest, SamplingConfig
 
@@ -17,6 +17,6 @@ __all__ = [
     "SamplingConfig",
     "VLLMEngine",
     "VLLMEngineError",
-    "choose_engine_device",
+    "engine_devices",
     "engine_environment",
 ]

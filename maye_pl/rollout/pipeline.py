@@ -217,7 +217,8 @@ class RolloutPipeline:
         rollouts, seconds, tokens = self.comm.scatter_from_owner(parts)
         per_engine = [(seconds, tokens)]
         if self.comm.groups.num_engines > 1:
-            per_engine = [m for m in self.comm.all_gather((seconds, tokens) if self.engine else None) if m]
+            owners = self.comm.all_gather((seconds, tokens) if self.engine is not None else None)
+            per_engine = [measured for measured in owners if measured is not None]
         return rollouts, [s for s, _ in per_engine if s], sum(t for _, t in per_engine)
 
     # ------------------------------------------------------------------ evaluation

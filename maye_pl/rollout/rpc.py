@@ -9,6 +9,8 @@ the Pipe to a spawned host, or a socket to an engine server.
 A host that dies (EOF on the connection, a broken pipe) or a wait interrupted by Ctrl-C ends the
 engine: ``on_fatal`` runs (the engine's shutdown) and the error names the engine and the
 operation, e.g. ``vLLM engine process died during generate (exit code -9): engine 1 of 2 ...``.
+A reply with status "refused" (an engine server that cannot serve the request for a reason the
+user fixes, e.g. a model path it cannot read) raises ``EngineRefusedError`` with the host's message.
 """
 
 from __future__ import annotations
@@ -16,16 +18,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from maye_pl.errors import UserError
+
 
 class VLLMEngineError(RuntimeError):
     """The engine process failed; the message carries its traceback."""
 
 
+class EngineRefusedError(UserError, VLLMEngineError):
+    """The engine cannot serve for a reason the user fixes (a remote engine server's key, address,
+    business or model path); the message names it and the fix."""
+
+
 class Host(Protocol):
-    """The far end of an ``EngineRPC``: a spawned host process (``vllm_host.HostProcess``)."""
+    """The far end of an ``EngineRPC``: a spawned host process (``vllm_host.HostProcess``) or an
+    engine server's engine (``remote.RemoteHost``)."""
 
     conn: Any
     """The trainer's end of the connection."""
+    weight_group_addresses: tuple[str, str]
+    """(trainer, engine): the addresses the two ends of the collective weight transport bind."""
+    log_location: str
+    """Where the engine's log is (``"its log above"``), for error messages."""
 
     @property
     def pid(self) -> int | None:
@@ -34,6 +48,10 @@ class Host(Protocol):
 
     def exit_code(self, wait_s: float) -> int | None:
         """The host's exit code, waiting up to ``wait_s`` for it to end (None: unknown or running)."""
+        ...
+
+    def lost(self, op: str, wait_s: float) -> str:
+        """What happened to a host found gone during ``op`` (waiting up to ``wait_s`` to learn it)."""
         ...
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -104,7 +122,7 @@ class EngineRPC:
                 raise VLLMEngineError(f"VLLMEngine.{op}: the engine was shut down while it ran.")
             try:
                 self._read_reply()
-            except (EOFError, ConnectionResetError) as error:
+            except (EOFError, OSError) as error:  # closed, reset, or a vanished peer's keep-alive timeout
                 raise self.died(op) from error
             except BaseException:
                 # Interrupted while waiting (Ctrl-C): the engine would go on with work nobody
@@ -112,17 +130,18 @@ class EngineRPC:
                 self.on_fatal()
                 raise
         status, result = self._replies.pop(request_id)
+        if status == "refused":
+            self.on_fatal()
+            raise EngineRefusedError(result)
         if status == "error":
             raise VLLMEngineError(f"vLLM engine failed in {op} ({self.name}):\n{result}")
         return result
 
     def died(self, op: str) -> VLLMEngineError:
         """The error for a host found dead during ``op`` (after the engine's shutdown)."""
-        code = self.host.exit_code(wait_s=5)
+        what = self.host.lost(op, wait_s=5)
         self.on_fatal()
-        return VLLMEngineError(
-            f"vLLM engine process died during {op} (exit code {code}): {self.name}; see its log above."
-        )
+        return VLLMEngineError(f"{what}: {self.name}; see {self.host.log_location}.")
 
     def close(self) -> None:
         """No more requests; replies still unread are dropped."""

@@ -7,12 +7,14 @@ The pieces, one job each::
       EngineRPC (rpc)          request ids, replies in order, a dead host noticed and named
       WeightPusher (weight_pushers)  pipe / shared_memory / collective, chosen once
       HostProcess (vllm_host)  spawn or adopt a prestarted host, stop it and its children
+      RemoteHost (remote)      or: an engine server's engine on another machine, behind a key
     in the host: vllm_host.serve -> vllm_requests (prompts, SamplingParams, rollouts),
                  vllm_imports (import + log filters), vllm_worker (the worker's weight loading)
 
 Lifetime: ``shutdown()`` (also via the context manager, garbage collection and ``atexit``) asks the
 host to exit and then kills whatever is left of its process tree; a trainer that dies without
-cleaning up takes the host with it (``vllm_host``).
+cleaning up takes the host with it (``vllm_host``). A remote engine's server outlives the trainer:
+``shutdown()`` (or the trainer's death, which closes the connection) ends only its use of it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from maye_pl.rollout.placement import choose_engine_device
+from maye_pl.errors import ConfigError
+from maye_pl.rollout.placement import engine_devices
+from maye_pl.rollout.remote import connect_engine_server, remote_engine_problems
 from maye_pl.rollout.rpc import EngineRPC, VLLMEngineError
 from maye_pl.rollout.vllm_host import (
     START_REQUEST_ID,
@@ -54,7 +59,9 @@ class VLLMEngine:
         gpu_memory_utilization: share of the engine GPU's memory vLLM may use (GPU only).
         kv_cache_memory_bytes: KV cache size; None lets vLLM decide (on CPU set it: vLLM's CPU
             default is several GiB).
-        device: ``"auto"``, ``"cpu"`` or ``"cuda:N"`` (see ``placement.choose_engine_device``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda:N"`` or ``"cuda:N,M,..."`` (see
+            ``placement.engine_devices``).
+        tensor_parallel_size: GPUs the engine spans (vLLM's tensor parallelism; GPUs only).
         trainer_devices: GPUs the trainer uses; ``"auto"`` places the engine after them.
         allow_shared: allow the engine on a trainer GPU.
         seed: engine seed (sampling seeds come from ``SamplingConfig.seed``).
@@ -77,6 +84,11 @@ class VLLMEngine:
             launcher runs vLLM at WARNING too. ``"info"`` brings back its config dump and
             per-step INFO lines.
         name: how messages name this engine (``"engine 1 of 2"``); its device and pid are added.
+        remote: ``"HOST:PORT"`` of an engine server (``python -m maye_pl engine --listen``) to use
+            instead of a local host process; the server's engine runs on the server's device and
+            takes the other arguments from here (the model path is read on the server's machine).
+            Needs ``MAYE_PL_ENGINE_KEY``; a refusal (key, address, busy) raises
+            ``EngineRefusedError`` at once, an unreadable model path at the first operation.
     """
 
     def __init__(
@@ -88,6 +100,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.8,
         kv_cache_memory_bytes: int | None = None,
         device: str = "auto",
+        tensor_parallel_size: int = 1,
         trainer_devices: int = 0,
         allow_shared: bool = False,
         seed: int = 0,
@@ -102,38 +115,69 @@ class VLLMEngine:
         wait: bool = True,
         log_level: str = "warning",
         name: str = "engine 0 of 1",
+        remote: str | None = None,
     ) -> None:
         if weight_bucket_bytes < 1:
             raise ValueError(
                 f"weight_bucket_bytes={weight_bucket_bytes} must be positive (`rollout.bucket_mb` "
                 "in the config); the default is 256 MiB."
             )
-        self.device = choose_engine_device(
-            device, trainer_devices=trainer_devices, visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared
-        )
         self.model_path = str(model_path)
         self.startup_timeout_s = startup_timeout_s
         self.startup_seconds: float | None = None
+        self._started = time.perf_counter()
+        if remote is None:
+            model, host_settings = self._spawn_host(device, tensor_parallel_size, trainer_devices, allow_shared,
+                                                    weight_transport, log_level)
+        else:
+            model, host_settings = self._connect(remote, name, tensor_parallel_size, weight_transport, log_level)
+        self._finalizer = weakref.finalize(self, self._host.stop)
+        pid = f", pid {self._host.pid}" if self._host.pid is not None else ""
+        self.rpc = EngineRPC(self._host, f"{name} {self.location}{pid}", on_fatal=self.shutdown,
+                             first_request_id=START_REQUEST_ID + 1)
         self._pusher_options = {"device": self.device, "dtype": dtype, "bucket_bytes": weight_bucket_bytes,
-                                "group_timeout_s": weight_group_timeout_s}
-        check_transport(weight_transport, self.device)  # before any process starts
+                                "group_timeout_s": weight_group_timeout_s, "workers": tensor_parallel_size}
+        self.pusher = make_pusher(weight_transport, self.rpc, **self._pusher_options)
         engine_args = vllm_engine_args(
-            self.model_path, self.device, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            model, self.device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, limit_mm_per_prompt=limit_mm_per_prompt, max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             llm_kwargs=llm_kwargs,
         )
-        env = host_environment(self.device, log_level)
-        self._started = time.perf_counter()
-        self._host = take_prestarted_host(self.device) or spawn_host(env, self.device)
-        self._finalizer = weakref.finalize(self, self._host.stop)
-        self.rpc = EngineRPC(self._host, f"{name} on {self.device}, pid {self._host.pid}", on_fatal=self.shutdown,
-                             first_request_id=START_REQUEST_ID + 1)
-        self.pusher = make_pusher(weight_transport, self.rpc, **self._pusher_options)
         # The host loads the model once it has imported vLLM (maybe already done: prestarted).
-        self.rpc.send("start", (engine_args, env), request_id=START_REQUEST_ID)
+        self.rpc.send("start", (engine_args, host_settings), request_id=START_REQUEST_ID)
         if wait:
             self.wait_ready()
+
+    def _spawn_host(self, device: str, tensor_parallel_size: int, trainer_devices: int, allow_shared: bool,
+                    weight_transport: str, log_level: str) -> tuple[str, dict[str, str]]:
+        """Place the engine, adopt or spawn its host; returns the start request's model and environment."""
+        [self.device] = engine_devices(
+            device, tensor_parallel_size=tensor_parallel_size, trainer_devices=trainer_devices,
+            visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared,
+        )
+        check_transport(weight_transport, self.device)  # before any process starts
+        env = host_environment(self.device, log_level)
+        self._host = take_prestarted_host(self.device) or spawn_host(env, self.device)
+        self.location = f"on {self.device}"
+        return self.model_path, env
+
+    def _connect(self, remote: str, name: str, tensor_parallel_size: int, weight_transport: str,
+                 log_level: str) -> tuple[str, str]:
+        """Connect to the engine server at ``remote`` (its engine runs on its device, in its
+        environment); returns the start request's model and log level."""
+        problems = remote_engine_problems(weight_transport, tensor_parallel_size)
+        if problems:
+            raise ConfigError(" ".join(problems))
+        logger.info("%s: connecting to the engine server at %s", name, remote)
+        self._host = connect_engine_server(remote, name)
+        self.device = self._host.device
+        self.location = f"on {self.device} at the engine server {remote}"
+        # The server reads the path on its machine: a local path goes absolute (the same path
+        # there), anything else is a hub id.
+        path = Path(self.model_path)
+        return (str(path.resolve()) if path.exists() else self.model_path), log_level
 
     def wait_ready(self) -> None:
         """Block until the engine has loaded the model (the first operation does this implicitly).
@@ -158,11 +202,12 @@ class VLLMEngine:
             self.shutdown()
             raise
         self.startup_seconds = time.perf_counter() - self._started
-        logger.info("vLLM engine on %s ready in %.1f s (pid %d)", self.device, self.startup_seconds, self.pid)
+        pid = f" (pid {self.pid})" if self.pid is not None else ""
+        logger.info("vLLM engine %s ready in %.1f s%s", self.location, self.startup_seconds, pid)
 
     @property
     def pid(self) -> int | None:
-        """Process id of the engine host (None after shutdown)."""
+        """Process id of the engine host (None after shutdown, and for a remote engine)."""
         return None if self.rpc.closed else self._host.pid
 
     def submit(self, requests: list[RolloutRequest], sampling: SamplingConfig, *, policy_version: int = 0) -> VLLMHandle:
@@ -266,7 +311,8 @@ class VLLMHandle:
 
 
 def vllm_engine_args(
-    model_path: str, device: str, *, dtype: str, max_model_len: int, seed: int, enforce_eager: bool,
+    model_path: str, device: str, *, dtype: str, tensor_parallel_size: int, max_model_len: int, seed: int,
+    enforce_eager: bool,
     limit_mm_per_prompt: int, max_num_seqs: int, gpu_memory_utilization: float,
     kv_cache_memory_bytes: int | None, llm_kwargs: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -279,7 +325,9 @@ def vllm_engine_args(
         "enforce_eager": enforce_eager,
         "limit_mm_per_prompt": {"image": limit_mm_per_prompt, "video": 0},
         "max_num_seqs": max_num_seqs,
-        "distributed_executor_backend": "uni",
+        # One worker in the host process; tensor parallelism needs a worker process per GPU.
+        "tensor_parallel_size": tensor_parallel_size,
+        "distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp",
         # Logprobs of the distribution actually sampled from (temperature and the vision-token
         # ban applied), not of the raw logits.
         "logprobs_mode": "processed_logprobs",

@@ -30,6 +30,10 @@ trainer only, which then shuts the host down.
 Messages: the trainer sends ``(request id, op, payload)`` and the host answers each with
 ``(request id, "ok" | "error", result or traceback)``, in order. ``serve`` is the loop over one
 connection (a Pipe here; any ``multiprocessing.connection.Connection`` works).
+
+An engine server (``engine_server.py``) runs the same host: instead of "start" its first message
+is "serve_client" with the engine's arguments, followed by the client's socket (SCM_RIGHTS); the
+host then starts the engine and serves that socket until the client leaves, and exits.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any
 import torch
 
 from maye_pl.rollout.placement import engine_environment
+from maye_pl.rollout.weight_transport import LOOPBACK
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,9 @@ _PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
 
 class HostProcess:
     """A spawned engine host: its process and the trainer's end of its pipe (``conn``)."""
+
+    weight_group_addresses = (LOOPBACK, LOOPBACK)  # the host runs on this machine
+    log_location = "its log above"  # the host writes to the trainer's terminal
 
     def __init__(self, process: multiprocessing.process.BaseProcess, conn: Any) -> None:
         self.process = process
@@ -77,6 +85,9 @@ class HostProcess:
         """The host's exit code, waiting up to ``wait_s`` for it to end (None: still running)."""
         self.process.join(timeout=wait_s)
         return self.process.exitcode
+
+    def lost(self, op: str, wait_s: float) -> str:
+        return f"vLLM engine process died during {op} (exit code {self.exit_code(wait_s)})"
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Ask the host to exit; kill its process tree if it has not within ``grace_s``.
@@ -211,15 +222,20 @@ def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
         op = "shutdown"
     if op == "shutdown":  # nobody adopted this host (a prestarted one, stopped at the trainer's exit)
         os._exit(0)
+    if op == "serve_client":  # an engine server's client: its socket follows; serve it from now on
+        from multiprocessing.connection import Connection
+        from multiprocessing.reduction import recv_handle
+
+        conn = Connection(recv_handle(conn))
     try:
         if import_error is not None:
             raise RuntimeError(f"importing vLLM failed:\n{import_error}")
         llm, rules = start_engine(*payload)
     except BaseException:
-        conn.send((request_id, "error", traceback.format_exc()))
+        _reply(conn, (request_id, "error", traceback.format_exc()))
         return
-    conn.send((request_id, "ok", None))
-    serve(conn, llm, rules)
+    if _reply(conn, (request_id, "ok", None)):
+        serve(conn, llm, rules)
     # vLLM's in-process teardown can block on its background threads; nothing is left to flush.
     os._exit(0)
 
@@ -263,14 +279,25 @@ def serve(conn, llm, rules) -> None:
     while True:
         try:
             request_id, op, payload = conn.recv()
-        except (EOFError, ConnectionResetError):
-            return  # the trainer is gone
+        except (EOFError, OSError):
+            return  # the trainer is gone (closed, reset, or a remote one's keep-alive timed out)
         if op == "shutdown":
             return
         try:
-            conn.send((request_id, "ok", handlers[op](payload)))
+            reply = (request_id, "ok", handlers[op](payload))
         except BaseException:
-            conn.send((request_id, "error", traceback.format_exc()))
+            reply = (request_id, "error", traceback.format_exc())
+        if not _reply(conn, reply):
+            return
+
+
+def _reply(conn, reply: tuple) -> bool:
+    """Send ``reply``; False when the trainer is gone (it left while the engine worked)."""
+    try:
+        conn.send(reply)
+    except OSError:
+        return False
+    return True
 
 
 def _finish_update(llm) -> list[str]:

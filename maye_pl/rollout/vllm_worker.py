@@ -49,10 +49,13 @@ class WeightSyncExtension:
         self._maye_load(list(tensors.items()))
         return len(tensors)
 
-    def maye_join_weight_group(self, port: int, timeout_s: float, capacity_bytes: int) -> None:
-        """Join the trainer's 2-process group (rank 1) and allocate the receive buffer."""
-        store = weight_transport.connect_store(port, timeout_s)
-        group = weight_transport.join_group(store, weight_transport.ENGINE_RANK, self.device, timeout_s)
+    def maye_join_weight_group(self, rendezvous: weight_transport.Rendezvous, timeout_s: float, capacity_bytes: int,
+                               group_size: int) -> None:
+        """Join the trainer's group (rank 1 + this worker's tensor-parallel rank) and allocate the
+        receive buffer."""
+        store = weight_transport.connect_store(rendezvous, timeout_s, group_size)
+        rank = weight_transport.ENGINE_RANK + self.rank
+        group = weight_transport.join_group(store, rendezvous, rank, self.device, timeout_s, group_size)
         self._maye_receiver = weight_transport.BucketReceiver(group, self.device, capacity_bytes)
 
     def maye_receive_weight_bucket(self, metas: list[weight_transport.TensorMeta]) -> int:

@@ -50,12 +50,15 @@ class WeightPusher:
         dtype: the engine's dtype name; floating-point tensors are converted to it.
         bucket_bytes: the most bytes moved per transfer (a larger single tensor moves alone).
         group_timeout_s: how long one collective operation may take (the collective transport).
+        workers: the engine's worker processes (its tensor-parallel size): each receives every bucket.
     """
 
     transport: ClassVar[str]
 
-    def __init__(self, rpc: EngineRPC, *, device: str, dtype: str, bucket_bytes: int, group_timeout_s: float) -> None:
+    def __init__(self, rpc: EngineRPC, *, device: str, dtype: str, bucket_bytes: int, group_timeout_s: float,
+                 workers: int = 1) -> None:
         self.rpc = rpc
+        self.workers = workers
         self.device = device
         self.dtype = resolve_dtype(dtype)
         self.bucket_bytes = bucket_bytes
@@ -135,7 +138,8 @@ class SharedMemoryPusher(WeightPusher):
 
 
 class CollectivePusher(WeightPusher):
-    """A broadcast over a private 2-process group with the engine's worker (gloo / NCCL)."""
+    """A broadcast over a private process group with the engine's workers (gloo / NCCL): this
+    process and one worker (two with tensor parallelism 2, ...)."""
 
     transport = "collective"
 
@@ -146,10 +150,11 @@ class CollectivePusher(WeightPusher):
     def begin(self) -> None:
         if self.group is not None:
             return
-        store = open_store(self.group_timeout_s)
-        request_id = self.rpc.send("join_weight_group", (store.port, self.group_timeout_s, self.bucket_bytes))
-        try:  # the worker joins while this process does
-            self.group = join_group(store, TRAINER_RANK, self.device, self.group_timeout_s)
+        size = 1 + self.workers
+        store, rendezvous = open_store(*self.rpc.host.weight_group_addresses, self.group_timeout_s, size)
+        request_id = self.rpc.send("join_weight_group", (rendezvous, self.group_timeout_s, self.bucket_bytes, size))
+        try:  # the workers join while this process does
+            self.group = join_group(store, rendezvous, TRAINER_RANK, self.device, self.group_timeout_s, size)
         except RuntimeError as error:
             raise self._transfer_failed(error) from error
         self.rpc.wait(request_id, "join_weight_group")

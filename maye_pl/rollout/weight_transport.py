@@ -1,11 +1,17 @@
-"""The collective weight transport between the trainer's global rank 0 and the engine's worker.
+"""The collective weight transport between an engine's owner and the engine's worker(s).
 
-Two processes form a private 2-member process group: the trainer (rank 0, the sender) and the
-engine worker (rank 1, the receiver). Gloo when the engine runs on the CPU, NCCL when it runs on
+The processes form a private process group: the trainer rank that owns the engine (rank 0, the
+sender) and the engine's worker (rank 1, the receiver; with tensor parallelism t, its t workers
+are ranks 1..t and each receives every bucket). Gloo when the engine runs on the CPU, NCCL when it runs on
 a GPU: one code path, the backend chosen by the engine's device. The group is built straight from
-a ``TCPStore`` on a free loopback port and a backend object (``ProcessGroupGloo`` /
+a ``TCPStore`` on a free port and a backend object (``ProcessGroupGloo`` /
 ``ProcessGroupNCCL``), never through ``torch.distributed.init_process_group``, so the trainer's
 default group (FSDP2's) is untouched and the engine process has no global group at all.
+
+Where the group meets (``Rendezvous``): an engine host on this machine uses the loopback address;
+a remote engine (``remote.py``) uses the two ends' addresses of its authenticated connection. The
+store listens on the trainer's address only, and the group's keys in it carry a random name that
+only the engine learns (over that connection): whoever else reaches the port cannot join.
 
 Each bucket travels as one broadcast per tensor, straight from the trainer's tensor into a slice
 of a receive buffer the worker allocated once (``BucketReceiver``); the pipe carries only the
@@ -25,20 +31,23 @@ import datetime
 import math
 import mmap
 import os
+import secrets
+import socket
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch._C._distributed_c10d import BroadcastOptions, PrefixStore, TCPStore
 
+from maye_pl.errors import ConfigError
 from maye_pl.types import NamedTensors
 
 WEIGHT_TRANSPORTS = ("collective", "shared_memory", "pipe")
 """``rollout.weight_transport`` values: a broadcast over a 2-process group, a buffer shared with an
 engine on the trainer host's CPU, or safetensors bytes through the engine's pipe (the fallback)."""
 
-LOOPBACK = "127.0.0.1"  # the engine is a child process of the trainer: always the same host
-TRAINER_RANK, ENGINE_RANK, GROUP_SIZE = 0, 1, 2
+LOOPBACK = "127.0.0.1"  # an engine host on the trainer's machine
+TRAINER_RANK, ENGINE_RANK, GROUP_SIZE = 0, 1, 2  # the sender, the first worker, the size with one worker
 _ALIGN = 64  # bytes: every tensor's slice of the receive buffer starts on a 64-byte boundary
 
 TensorMeta = tuple[str, tuple[int, ...], str]
@@ -47,16 +56,16 @@ TensorMeta = tuple[str, tuple[int, ...], str]
 
 def check_transport(transport: str, device: str | None = None) -> str:
     """``transport`` if it is one of ``WEIGHT_TRANSPORTS`` (and, given the engine's ``device``,
-    one that reaches it), else a ValueError naming the key."""
+    one that reaches it), else a ConfigError naming the key."""
     if transport not in WEIGHT_TRANSPORTS:
-        raise ValueError(
+        raise ConfigError(
             f"rollout.weight_transport={transport!r} must be one of {WEIGHT_TRANSPORTS}: "
             "'collective' broadcasts the weights over a process group (the default), "
             "'shared_memory' writes them into memory shared with a CPU engine, 'pipe' sends them "
             "as bytes through the engine's pipe (the fallback)."
         )
     if transport == "shared_memory" and device not in (None, "cpu"):
-        raise ValueError(
+        raise ConfigError(
             f"rollout.weight_transport='shared_memory' needs the engine on this host's CPU, "
             f"not on {device}; use 'collective' (NCCL) for a GPU engine."
         )
@@ -64,39 +73,63 @@ def check_transport(transport: str, device: str | None = None) -> str:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """The collective backend for an engine on ``device``: NCCL on a GPU, gloo on the CPU."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    """The collective backend for an engine on ``device`` (``"cuda:N"``, ``"cuda:N,M"``, a
+    ``torch.device``): NCCL on GPUs, gloo on the CPU."""
+    return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
-def open_store(timeout_s: float) -> TCPStore:
-    """The trainer's rendezvous store on a free loopback port (``store.port``)."""
-    return TCPStore(
-        LOOPBACK, 0, GROUP_SIZE, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False
-    )
+class Rendezvous(NamedTuple):
+    """Where one weight group meets; the trainer sends it to the engine with "join_weight_group"."""
+
+    store_host: str
+    """The trainer's address: its store listens there and its member binds it."""
+    store_port: int
+    engine_host: str
+    """The engine's address: its workers bind it."""
+    name: str
+    """The group's key prefix in the store (random)."""
 
 
-def connect_store(port: int, timeout_s: float) -> TCPStore:
-    """The engine's client of the trainer's store."""
-    return TCPStore(LOOPBACK, port, GROUP_SIZE, False, datetime.timedelta(seconds=timeout_s))
+def open_store(
+    host: str, engine_host: str, timeout_s: float, group_size: int = GROUP_SIZE
+) -> tuple[TCPStore, Rendezvous]:
+    """The trainer's store, listening on ``host`` only (a free port), and the rendezvous of a group
+    of ``group_size`` whose engine members bind ``engine_host``."""
+    listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    port = listener.getsockname()[1]
+    # The store takes over the bound socket (and closes it): it listens on ``host`` alone.
+    store = TCPStore(host, port, group_size, True, datetime.timedelta(seconds=timeout_s),
+                     wait_for_workers=False, master_listen_fd=listener.detach())
+    return store, Rendezvous(host, port, engine_host, f"maye_pl/weights/{secrets.token_hex(16)}")
 
 
-def join_group(store: TCPStore, rank: int, device: torch.device | str, timeout_s: float) -> Any:
-    """This process's member of the private 2-process group (blocks until the peer joins; NCCL
-    connects at the first broadcast). Every operation on it fails after ``timeout_s``."""
+def connect_store(rendezvous: Rendezvous, timeout_s: float, group_size: int = GROUP_SIZE) -> TCPStore:
+    """An engine worker's client of the trainer's store."""
+    return TCPStore(rendezvous.store_host, rendezvous.store_port, group_size, False,
+                    datetime.timedelta(seconds=timeout_s))
+
+
+def join_group(
+    store: TCPStore, rendezvous: Rendezvous, rank: int, device: torch.device | str, timeout_s: float,
+    group_size: int = GROUP_SIZE,
+) -> Any:
+    """This process's member of the private group of ``group_size`` (blocks until every member has
+    joined; NCCL connects at the first broadcast). Every operation on it fails after ``timeout_s``."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    prefixed = PrefixStore("maye_pl/weights", store)
+    prefixed = PrefixStore(rendezvous.name, store)
     if backend_for(device) == "nccl":
         from torch._C._distributed_c10d import ProcessGroupNCCL
 
         options = ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return ProcessGroupNCCL(prefixed, rank, GROUP_SIZE, options)
+        return ProcessGroupNCCL(prefixed, rank, group_size, options)
     from torch._C._distributed_c10d import ProcessGroupGloo
 
     options = ProcessGroupGloo._Options()
     options._timeout = timeout
-    options._devices = [ProcessGroupGloo.create_device(hostname=LOOPBACK)]
-    return ProcessGroupGloo(prefixed, rank, GROUP_SIZE, options)
+    address = rendezvous.store_host if rank == TRAINER_RANK else rendezvous.engine_host
+    options._devices = [ProcessGroupGloo.create_device(hostname=address)]
+    return ProcessGroupGloo(prefixed, rank, group_size, options)
 
 
 def close_group(group: Any) -> None:
@@ -108,7 +141,7 @@ def close_group(group: Any) -> None:
 
 
 def broadcast_tensors(group: Any, tensors: Iterable[torch.Tensor]) -> None:
-    """Broadcast each tensor from the trainer (rank 0) to the engine (rank 1).
+    """Broadcast each tensor from the trainer (rank 0) to the engine's worker(s).
 
     Each broadcast is posted before the previous one is awaited, so the transfer streams while at
     most two of ``tensors`` (e.g. dtype-converted copies made lazily) are alive at once.

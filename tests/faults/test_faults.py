@@ -6,7 +6,10 @@ an orphaned rank would exceed them by far), and that the metrics file keeps the 
 
 - Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
   engine starts, naming file:line, with exit status 2 and no traceback.
-- The engine process SIGKILLed mid-step: the trainer stops within 10 s saying the engine died.
+- An engine process SIGKILLed mid-step, the second of two (`rollout.num_engines 2` on 2 ranks, so
+  its owner is not rank 0): the run stops within 15 s saying that engine died and naming it
+  (`engine 1 of 2 (node 0, rank 1)`), nothing left. (One engine's death in one process is the same
+  path: tests/rollout/test_vllm_engine.py kills an engine mid-transfer.)
 - Ctrl-C twice (SIGINT to the process group, as a terminal sends it) mid-step: the first one
   prints that the run will checkpoint (and reaches no engine process: they ignore SIGINT), the
   second stops it at once: exit status 1 within 15 s, Lightning's graceful shutdown message, no
@@ -35,12 +38,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maye_pl.data import generate_geometry_dataset
 from maye_pl.evaluation.metrics_file import read_metrics
-from maye_pl.models.tiny import ensure_tiny_model
+from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from cli_runs import RunningFit, fit_command  # noqa: E402
+from cli_runs import RunningFit, fit_command, fit_workdir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +50,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the tiny model (``tiny/``) and 16 training samples (``geo/``, 8 steps)."""
-    root = tmp_path_factory.mktemp("faults")
-    ensure_tiny_model(root / "tiny")
-    generate_geometry_dataset(root / "geo", n_train=16, n_val=0, n_test=0)
-    return root
+    return fit_workdir(tmp_path_factory.mktemp("faults"), n_train=16)
 
 
 def _trained_steps(workdir: Path, name: str) -> list[int]:
@@ -94,11 +93,11 @@ def _gone(processes: list[psutil.Process], timeout_s: float) -> bool:
 
 
 def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit, list[psutil.Process]], None],
-                        timeout_s: float) -> tuple[RunningFit, int | None, list[psutil.Process]]:
-    """Start a run, ``disturb(run, its engine processes)`` as its step 2 starts, then wait up to
-    ``timeout_s`` (from the end of ``disturb``) for it to end. Returns the run, its exit status
-    (None: still running) and engines."""
-    run = RunningFit(fit_command(workdir, name), cwd=workdir)
+                        timeout_s: float, *extra: str) -> tuple[RunningFit, int | None, list[psutil.Process]]:
+    """Start a run (``extra``: more flags), ``disturb(run, its engine processes)`` as its step 2
+    starts, then wait up to ``timeout_s`` (from the end of ``disturb``) for it to end. Returns the
+    run, its exit status (None: still running) and engines."""
+    run = RunningFit(fit_command(workdir, name, *extra), cwd=workdir)
     try:
         run.wait_for_step(2)
         engines = run.engines()
@@ -110,17 +109,24 @@ def _disturbed_mid_step(workdir: Path, name: str, disturb: Callable[[RunningFit,
 
 
 @pytest.mark.vllm
-def test_engine_killed_mid_step_stops_the_run_with_a_clear_error(workdir):
-    def kill_engine_host(run: RunningFit, engines: list[psutil.Process]) -> None:
-        [host] = [p for p in engines if p.ppid() == run.process.pid]
+def test_one_of_two_engines_killed_mid_step_stops_the_run_naming_it(workdir):
+    """2 ranks, one engine each (`rollout.num_engines 2`): rank 1's engine is SIGKILLed as step 2
+    starts. Rank 1 stops with the error naming that engine, rank 0 follows (its collectives with
+    rank 1 fail, or Lightning's launcher takes it down), engine 0 with it: within 15 s, nothing left."""
+    def kill_engine_1(run: RunningFit, engines: list[psutil.Process]) -> None:
+        _, rank1 = run.ranks()
+        [host] = [p for p in rank1.children() if p.name() == HOST_PROCESS_NAME]
         host.kill()
 
-    run, code, engines = _disturbed_mid_step(workdir, "engine_killed", kill_engine_host, timeout_s=10)
-    assert code not in (None, 0), f"the run did not stop within 10 s of its engine's death:\n{run.output[-4000:]}"
-    assert re.search(r"VLLMEngineError: vLLM engine process died during [\w ]+ \(exit code -9\)", run.output), \
-        run.output[-4000:]
-    assert _gone(engines, timeout_s=1)
-    assert _trained_steps(workdir, "engine_killed") == [1]
+    run, code, engines = _disturbed_mid_step(
+        workdir, "engine_1_killed", kill_engine_1, 15, "--trainer.devices", "2", "--trainer.strategy", "fsdp2",
+        "--rollout.num_engines", "2", "--data.batch_size", "1", "--model.ppo.batch_size", "1",
+    )
+    assert code not in (None, 0), f"the run did not stop within 15 s of engine 1's death:\n{run.output[-4000:]}"
+    assert re.search(r"vLLM engine process died during [\w ]+ \(exit code -9\): engine 1 of 2 \(node 0, rank 1\)",
+                     run.output), run.output[-4000:]
+    assert len(engines) >= 2 and _gone(engines, timeout_s=5)
+    assert _trained_steps(workdir, "engine_1_killed") == [1]
 
 
 @pytest.mark.vllm

@@ -371,3 +371,16 @@ def test_one_engine_per_rank_equals_one_engine_for_all(tmp_path):
     one_state, two_state = ranks[0]["1"]["state"]["submitted"]["1"], ranks[0]["2"]["state"]["submitted"]["1"]
     assert [r["text"] for r in two_state["rollouts"]] == [f"s1-r{r}-{i}" for r in (0, 1) for i in (0, 0, 1, 1)]
     assert one_state["rollouts"] == two_state["rollouts"] and two_state["engine_seconds"] == [0.5, 0.5]
+
+
+def test_rollout_settings_collect_every_problem():
+    from maye_pl.errors import ConfigError
+    from maye_pl.rollout.callback import RolloutCallback
+
+    with pytest.raises(ConfigError) as error:
+        RolloutCallback(num_engines=0, tensor_parallel_size=0, device=["cuda:6", "cuda:7"], max_staleness=2,
+                        weight_transport="shm")
+    lines = str(error.value).splitlines()
+    assert lines[0] == "Invalid rollout configuration:" and len(lines) == 6
+    assert "`rollout.num_engines`=0 must be at least 1" in lines[1]
+    assert "`rollout.device` lists 2 device(s) for `rollout.num_engines`=0" in lines[3]

