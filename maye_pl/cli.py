@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -23,19 +24,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from maye_pl.checkpoints import find_checkpoints, latest_complete_checkpoint
 
 from maye_pl.console import RunConsoleCallback, configure_console, default_progress_bar
-from maye_pl.data import MayeDataModule, ensure_geometry_dataset
+from maye_pl.data import MayeDataModule
+from maye_pl.demo import DEMO_DATA_DIR, DEMO_MODEL_PATHS, WARM_START_PATH, ensure_demo_assets
 from maye_pl.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError, debug_enabled, find_user_error
 from maye_pl.evaluation.metrics_file import MetricsFileCallback
-from maye_pl.models.tiny import ensure_tiny_model, tiny_model_type
 from maye_pl.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from maye_pl.rollout.callback import RolloutCallback
-
-# What `demo_assets` builds, and only at these paths (configs/demo.yaml's defaults): the tiny random
-# model, and the synthetic set the CPU demo trains and evaluates on (datasets/README.md).
-# The demo configs' tiny models, one per family (configs/demo.yaml, demo_qwen2_vl.yaml, demo_qwen3_vl.yaml).
-DEMO_MODEL_PATHS = (Path(".cache/tiny-qwen2.5-vl"), Path(".cache/tiny-qwen2-vl"), Path(".cache/tiny-qwen3-vl"))
-DEMO_DATA_DIR = Path("datasets/demo_geometry")
-DEMO_GEOMETRY = {"n_train": 64, "n_val": 16, "n_test": 16, "seed": 0}
+from maye_pl.sft import SFT
 
 # The docstring under each field of a hyperparameter group (``maye_pl/hparams.py``) is its help:
 # `--help` and `--print_config=comments` show it.
@@ -88,10 +83,10 @@ class MayeCLI(LightningCLI):
             "--demo_assets",
             type=bool,
             default=False,
-            help=f"Build the CPU demo's tiny random VLM ({', '.join(str(p) for p in DEMO_MODEL_PATHS)}: "
-            f"the family its name ends with) and its synthetic geometry set in {DEMO_DATA_DIR}/ when "
-            "model.model_path / a data path points there and they are missing (never downloads anything; "
-            "other paths are left as they are).",
+            help=f"Build the CPU demo's assets where model.model_path / a data path points at them and they are "
+            f"missing or stale: a tiny random VLM ({', '.join(str(p) for p in DEMO_MODEL_PATHS)}: the family its "
+            f"name ends with), the SFT warm start {WARM_START_PATH} (configs/sft_demo.yaml), the synthetic set "
+            f"in {DEMO_DATA_DIR}/ (maye_pl/demo.py). Never downloads anything; other paths are left as they are.",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -100,12 +95,8 @@ class MayeCLI(LightningCLI):
             return
         # Only the demo's own paths: a path the user set is theirs, and a missing one gets the
         # data module's or the model loader's error.
-        demo_model = next((p for p in DEMO_MODEL_PATHS if _same_path(config.model.init_args.model_path, p)), None)
-        if demo_model is not None:
-            ensure_tiny_model(demo_model, tiny_model_type(demo_model))
-        data_paths = (config.data.train_path, config.data.val_path, config.data.test_path)
-        if any(path is not None and _same_path(Path(path).parent, DEMO_DATA_DIR) for path in data_paths):
-            ensure_geometry_dataset(DEMO_DATA_DIR, **DEMO_GEOMETRY)
+        ensure_demo_assets(config.model.init_args.model_path,
+                           (config.data.train_path, config.data.val_path, config.data.test_path), train_warm_start)
 
     def instantiate_classes(self) -> None:
         """Build the config's objects; a constructor's ValueError or FileNotFoundError is a ConfigError.
@@ -189,8 +180,24 @@ class MayeCLI(LightningCLI):
             rollout.keep_engine_after_validate = False
 
 
-def _same_path(path: str | Path, other: Path) -> bool:
-    return Path(path).resolve() == other.resolve()
+def train_warm_start(recipe: Path) -> torch.nn.Module:
+    """Fit an SFT recipe's model on its training split and return the trained policy: the demo's
+    warm start (``maye_pl.demo.ensure_warm_start``).
+
+    MayeCLI parses the recipe (types, links, seed) and builds its model and data module; a bare
+    trainer with the recipe's precision and length fits them, so no engine starts.
+    """
+    cli = MayeCLI(args=["--config", str(recipe)], run=False)
+    if not isinstance(cli.model, SFT):
+        raise ConfigError(f"{recipe}: `model.class_path` is {type(cli.model).__name__}; the warm start recipe must train maye_pl.sft.SFT.")
+    trainer_config = cli.config.trainer
+    trainer = Trainer(
+        accelerator="cpu", devices=1, precision=trainer_config.precision, max_epochs=trainer_config.max_epochs,
+        max_steps=trainer_config.max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(cli.model, cli.datamodule)
+    return cli.model.policy
 
 
 def _strategy_from_class_path(class_path: str) -> Strategy:

@@ -54,9 +54,9 @@ def test_cli_overrides_reach_the_model():
                             "--model.ppo.batch_size", "16", "--model.loss.clip_high", "0.28"])
     fit = parsed.value.args[0].fit
     assert (fit.model.init_args.lr, fit.trainer.max_epochs, fit.rollout.engine) == (1e-6, 3, "hf")
-    # A group field overrides one value; the group's other fields keep the YAML's (demo: 2 micro-batches).
+    # A group field overrides one value; the group's other fields keep the YAML's (demo: no gradient accumulation).
     ppo, loss = fit.model.init_args.ppo, fit.model.init_args.loss
-    assert (ppo.batch_size, ppo.gradient_accumulation_steps, loss.clip_high, loss.clip_low) == (16, 2, 0.28, 0.2)
+    assert (ppo.batch_size, ppo.gradient_accumulation_steps, loss.clip_high, loss.clip_low) == (16, 1, 0.28, 0.2)
 
 
 def test_print_config_comments_give_each_group_field_its_help(capsys):
@@ -72,9 +72,9 @@ def test_print_config_comments_give_each_group_field_its_help(capsys):
 
 
 @pytest.mark.parametrize(("config", "max_model_len", "train_max_tokens", "eval_max_tokens"), [
-    ("demo.yaml", 1024, 48, 48),  # model.sampling.max_tokens serves training and evaluation
+    ("demo.yaml", 1024, 16, 16),  # model.sampling.max_tokens serves training and evaluation
     ("geo3k.yaml", 8192, 2048, 2048),
-    ("sft_demo.yaml", 1024, None, 48),  # SFT generates only to evaluate: model.eval_max_tokens
+    ("sft_demo.yaml", 1024, None, 24),  # SFT generates only to evaluate: model.eval_max_tokens
 ])
 def test_prompt_token_budgets_are_linked_from_the_engine_and_the_model(config, max_model_len, train_max_tokens,
                                                                         eval_max_tokens):
@@ -124,8 +124,13 @@ def _engine_processes(cwd: Path) -> list[psutil.Process]:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_fit_test_and_report(tmp_path):
-    overrides = [  # the demo's relative model and data paths: demo_assets builds them under tmp_path
+    overrides = [  # the demo's relative data paths: demo_assets builds them under tmp_path
         "--config", str(REPO / "configs/demo.yaml"),
+        # The tiny random model, also built by demo_assets: this test runs the loop, not the
+        # learning (the SFT warm start is tests/test_demo.py's, the rise tests/test_learning.py's).
+        "--model.model_path", ".cache/tiny-qwen2.5-vl",
+        "--trainer.max_epochs", "2",
+        "--model.loss.kl_coef", "0.001",  # the paper's KL loss (the demo runs none): the reference model's path
         "--data.max_eval_samples", "2",
         "--trainer.limit_train_batches", "1",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
@@ -154,12 +159,12 @@ def test_demo_fit_test_and_report(tmp_path):
                 assert row["perf/generate_s"] > 0 and tokens >= 1 and abs(tokens - round(tokens)) < 1e-6 * tokens
     pipelined_rows = [json.loads(line) for line in (run_dirs[1] / "metrics.jsonl").read_text().splitlines()]
     # Epoch 2's batch was generated during epoch 1, by the weights before that epoch's update.
-    assert [row["policy/staleness"] for row in pipelined_rows if "policy/staleness" in row] == [0.0, 4.0]
+    assert [row["policy/staleness"] for row in pipelined_rows if "policy/staleness" in row] == [0.0, 1.0]
     rows = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     vanilla = [row for row in rows if "val/pass@8_t1.0" in row]
-    assert [row["step"] for row in vanilla] == [0, 4, 8]  # before training, after epochs 1 and 2 (4 updates each)
+    assert [row["step"] for row in vanilla] == [0, 1, 2]  # before training, after epochs 1 and 2 (1 update each)
     predictions = sorted(p.name for p in (run_dirs[0] / "predictions").iterdir())
-    assert "val_pass@8_t1.0_step0.jsonl" in predictions and "test_pass@1_t0.01_step8.jsonl" in predictions
+    assert "val_pass@8_t1.0_step0.jsonl" in predictions and "test_pass@1_t0.01_step2.jsonl" in predictions
     first = json.loads((run_dirs[0] / "predictions" / "val_pass@8_t1.0_step0.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "question", "answer", "predictions", "correct"} and len(first["predictions"]) == 8
 

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from maye_pl.cli import DEMO_DATA_DIR, MayeCLI, _strategy_from_class_path, main
+from maye_pl.cli import MayeCLI, _strategy_from_class_path, main
 from maye_pl.console import ShortNamesTQDMProgressBar
+from maye_pl.demo import DEMO_DATA_DIR
 from maye_pl.errors import ConfigError
 from maye_pl.evaluation.summary import eval_table, run_summary
 from maye_pl.rollout.callback import RolloutCallback
@@ -69,10 +70,11 @@ def test_eval_table_has_a_row_per_metric_and_a_column_per_split():
     ]
 
 
-def test_run_summary_reports_first_and_last_epochs_vanilla_and_speed():
+def test_run_summary_reports_every_epoch_from_vanilla_and_speed():
     """Reward = epoch mean of reward/total ((0.2+0.4)/2 = 0.3 → 0.5); accuracy from
-    reward/accuracy_epoch; eval metrics from the step-0 (Vanilla) row to the last; 12 s over 4
-    steps = 3.00 s/step; tokens/s are the per-step means ((100+300)/2 = 200, update 50)."""
+    reward/accuracy_epoch; eval metrics from the step-0 (Vanilla) row through each epoch, with the
+    change from Vanilla to the last (0.3 - 0.1 = +0.2); 12 s over 4 steps = 3.00 s/step; tokens/s
+    are the per-step means ((100+300)/2 = 200, update 50)."""
     rows = [
         {"step": 0, "epoch": 0, "val/pass@1_t0.6": 0.1},
         {"step": 1, "epoch": 0, "reward/total": 0.2, "perf/generate_tokens_per_s": 100.0},
@@ -84,13 +86,27 @@ def test_run_summary_reports_first_and_last_epochs_vanilla_and_speed():
     ]
     assert run_summary(rows, "runs/demo/version_0", steps=4, train_seconds=12.0).splitlines() == [
         "Run directory: runs/demo/version_0",
-        "Training:",
-        "  reward    epoch 0 0.3000  → epoch 1 0.5000",
-        "  accuracy  epoch 0 0.2500  → epoch 1 0.7500",
-        "Evaluation (Vanilla → last):",
-        "  val/pass@1_t0.6  0.1000  → 0.3000",
+        "Training (epoch 1 → 2):",
+        "  reward    0.3000  → 0.5000",
+        "  accuracy  0.2500  → 0.7500",
+        "Evaluation (Vanilla → epoch 1 → epoch 2):",
+        "  val/pass@1_t0.6  0.1000  → 0.2000  → 0.3000  (+0.2000)",
         "Speed: 3.00 s/step over 4 steps, generation 200 tokens/s, update 50 tokens/s",
         "Tables and plots: python -m maye_pl report runs/demo/version_0 --out runs/demo/version_0/report",
+    ]
+
+
+def test_run_summary_of_a_long_run_shows_its_first_and_last_epochs():
+    """Past MAX_COLUMNS (8) evaluations the middle ones become "…": Vanilla and epochs 1-3, then
+    epochs 7-10 of a 10-epoch run; a metric missing in an epoch another one has shows "-"."""
+    rows = [{"step": 0, "epoch": 0, "val/pass@1_t0.01": 0.0, "test/pass@1_t0.01": 0.0}]
+    rows += [{"step": e + 1, "epoch": e, "val/pass@1_t0.01": (e + 1) / 10} for e in range(10)]
+    rows += [{"step": e + 1, "epoch": e, "test/pass@1_t0.01": (e + 1) / 20} for e in range(10) if e != 8]
+    lines = run_summary(rows, "run", steps=0, train_seconds=None).splitlines()
+    assert lines[1:4] == [
+        "Evaluation (Vanilla → epoch 1 → epoch 2 → epoch 3 → … → epoch 7 → epoch 8 → epoch 9 → epoch 10):",
+        "  test/pass@1_t0.01  0.0000  → 0.0500  → 0.1000  → 0.1500  → …  → 0.3500  → 0.4000  → -       → 0.5000  (+0.5000)",
+        "  val/pass@1_t0.01   0.0000  → 0.1000  → 0.2000  → 0.3000  → …  → 0.7000  → 0.8000  → 0.9000  → 1.0000  (+1.0000)",
     ]
 
 

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("checkpoints", "console", "export", "hparams", "optim", "preemption"),
     ("policy_module",),  # what the LightningModules share
     ("module", "sft"),  # the LightningModules
+    ("demo",),  # the CPU demo's assets (the SFT warm start is trained by the CLI's function it is given)
     ("cli",),
     ("__main__",),
 )

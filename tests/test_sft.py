@@ -128,6 +128,7 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
         "--model.eval_max_tokens", "16",
         "--data.max_eval_samples", "2",
         "--trainer.max_epochs", "1",
+        "--trainer.check_val_every_n_epoch", "1",  # the demo validates every 5th of its 10 epochs
         "--trainer.limit_train_batches", "2",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),

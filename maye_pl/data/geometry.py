@@ -1,20 +1,25 @@
 """Synthetic vision-dominant geometry problems in MAYE jsonl format (the demo's and tests' data).
 
-"Vision-dominant": every number the solver needs is drawn in the figure only; the question text
-holds none ("Find the length of the hypotenuse of the right triangle in the figure."), so a
-policy can only improve by reading the image. Four figure families, six question kinds:
+"Vision-dominant": every number the solver needs is in the figure only; the question text holds
+none ("Find the length of the hypotenuse of the right triangle in the figure."), so a policy can
+only improve by reading the image. Five figure families, seven question kinds:
 
     right triangle  hypotenuse from the two labelled legs (Pythagorean triples)   "5"
     rectangle       area / perimeter from the labelled sides                      "24" / "20"
     circle          area / circumference from the labelled radius                 "9\\pi" / "6\\pi"
     triangle        third angle from two labelled angles, in degrees              "40"
+    unit grid       area of the shaded cells of a 4x4 grid of unit squares        "6"
 
-Each (kind, numbers) problem appears at most once in the whole set, so val/test never repeat a
-training problem. Output (deterministic from the seed, byte for byte)::
+The first six (``LABELLED_KINDS``, the default) need a label read and some arithmetic. The grid
+(``"shaded_area"``) is the CPU demo's task: its cells are the vision tokens of a tiny Qwen-VL
+(28 px, one 2x2 merge of 14 px patches), so a tiny policy learns to count them in minutes.
 
-    out_dir/train.jsonl, validation.jsonl, test.jsonl   (a split with 0 samples gets no file)
-    out_dir/images/<id>.png                              112x112 RGB
-    out_dir/manifest.json                                the arguments, for ensure_geometry_dataset
+Each (kind, numbers) problem appears at most once in the whole set, so no split repeats another's
+problem. Output (deterministic from the seed, byte for byte)::
+
+    out_dir/train.jsonl, validation.jsonl, test.jsonl, sft.jsonl   (a split with 0 samples: no file)
+    out_dir/images/<id>.png                                        112x112 RGB
+    out_dir/manifest.json                                          the arguments, for ensure_geometry_dataset
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,8 +41,8 @@ SIZE = 112
 """Image side in pixels."""
 MARGIN = 18
 """Room left around a figure for its labels, in pixels."""
-SPLIT_FILES = {"train": "train.jsonl", "val": "validation.jsonl", "test": "test.jsonl"}
-"""Split name (as MayeDataModule's ``*_path`` args use it) → file name."""
+SPLIT_FILES = {"train": "train.jsonl", "val": "validation.jsonl", "test": "test.jsonl", "sft": "sft.jsonl"}
+"""Split name → file name ("sft": the SFT warm start's own problems, kept apart from RL's "train")."""
 GENERATOR_VERSION = 1
 """Bump when the output for a given seed changes, so ensure_geometry_dataset regenerates."""
 
@@ -230,6 +235,51 @@ THIRD_ANGLE = _Kind(
     draw=_draw_angle_triangle,
 )
 
+
+# --- unit grid: shaded area -------------------------------------------------------------------
+
+GRID = 4
+"""Cells per side of the shaded-area grid; a cell is SIZE / GRID = 28 px, one merged vision token."""
+SHADED_COUNTS = range(3, 10)
+"""How many cells a figure shades: the answers 3 ... 9."""
+_SHADINGS_PER_COUNT = 400
+"""Distinct shadings per count (of the 560 ways to shade 3 of the 16 cells), so answers are equally frequent."""
+
+
+def _shadings() -> list[tuple[int, ...]]:
+    # _SHADINGS_PER_COUNT distinct sets of shaded cells (row-major indices) per count, drawn by a
+    # fixed generator; the dataset seed shuffles them.
+    rng = random.Random(GRID)
+    pool = []
+    for count in SHADED_COUNTS:
+        chosen: set[tuple[int, ...]] = set()
+        while len(chosen) < _SHADINGS_PER_COUNT:
+            chosen.add(tuple(sorted(rng.sample(range(GRID * GRID), count))))
+        pool += sorted(chosen)
+    return pool
+
+
+def _draw_shaded_grid(draw: ImageDraw.ImageDraw, *cells: int) -> None:
+    # Every cell fills one merged vision token exactly: shading inset 2 px, grid lines on top.
+    cell = SIZE // GRID
+    for index in cells:
+        row, col = divmod(index, GRID)
+        draw.rectangle([col * cell + 2, row * cell + 2, (col + 1) * cell - 2, (row + 1) * cell - 2],
+                       fill=(90, 90, 90))
+    for i in range(GRID + 1):
+        edge = min(i * cell, SIZE - 1)
+        draw.line([(edge, 0), (edge, SIZE - 1)], fill="black")
+        draw.line([(0, edge), (SIZE - 1, edge)], fill="black")
+
+
+SHADED_AREA = _Kind(
+    question="<image>The grid in the figure is made of unit squares. Find the area of the shaded region.",
+    pool=_shadings,
+    answer=lambda *cells: str(len(cells)),
+    solution=lambda *cells: f"The shaded area is $\\boxed{{{len(cells)}}}$.",
+    draw=_draw_shaded_grid,
+)
+
 KINDS = {
     "hypotenuse": HYPOTENUSE,
     "rectangle_area": RECTANGLE_AREA,
@@ -237,24 +287,27 @@ KINDS = {
     "circle_area": CIRCLE_AREA,
     "circle_circumference": CIRCLE_CIRCUMFERENCE,
     "third_angle": THIRD_ANGLE,
+    "shaded_area": SHADED_AREA,
 }
 """Question kind → its definition; the jsonl's extra ``kind`` field names it."""
+LABELLED_KINDS = tuple(KINDS)[:6]
+"""The kinds whose numbers are labels in the figure (the default set)."""
 
 
 # --- the dataset ------------------------------------------------------------------------------
 
-def _problems(total: int, seed: int) -> list[tuple[str, tuple[int, ...]]]:
+def _problems(total: int, seed: int, kinds: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
     """``total`` distinct (kind, params), the kinds interleaved so every split stays balanced."""
     rng = random.Random(seed)
     pools = {}
-    for name, kind in KINDS.items():
-        pools[name] = kind.pool()
+    for name in kinds:
+        pools[name] = KINDS[name].pool()
         rng.shuffle(pools[name])
     capacity = sum(len(p) for p in pools.values())
     if total > capacity:
         raise ValueError(
-            f"n_train + n_val + n_test = {total} exceeds the {capacity} distinct synthetic geometry"
-            f" problems; ask for at most {capacity} samples in all"
+            f"n_train + n_val + n_test + n_sft = {total} exceeds the {capacity} distinct synthetic"
+            f" problems of kinds {list(kinds)}; ask for at most {capacity} samples in all"
         )
     interleaved = []
     for depth in range(max(len(p) for p in pools.values())):
@@ -277,44 +330,63 @@ def _write_split(root: Path, split: str, problems: list[tuple[str, tuple[int, ..
     (root / SPLIT_FILES[split]).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def _manifest(counts: dict[str, int], seed: int) -> dict:
-    return {"generator": "maye_pl.data.geometry", "version": GENERATOR_VERSION, "seed": seed,
-            **{f"n_{split}": n for split, n in counts.items()}}
+def _manifest(counts: dict[str, int], seed: int, kinds: Sequence[str]) -> dict:
+    # Keys for the non-default kinds and the sft split only when used, so sets generated before
+    # they existed keep their manifests.
+    manifest = {"generator": "maye_pl.data.geometry", "version": GENERATOR_VERSION, "seed": seed,
+                **{f"n_{split}": n for split, n in counts.items() if split != "sft" or n}}
+    return manifest if tuple(kinds) == LABELLED_KINDS else {**manifest, "kinds": list(kinds)}
 
 
 def _split_paths(out_dir: Path, counts: dict[str, int]) -> dict[str, Path]:
     return {split: out_dir / SPLIT_FILES[split] for split, n in counts.items() if n > 0}
 
 
+def _check_arguments(counts: dict[str, int], kinds: Sequence[str]) -> None:
+    bad = [f"n_{split}={n}" for split, n in counts.items() if n < 0 or (split == "train" and n < 1)]
+    if bad:
+        raise ValueError(
+            f"sample counts {', '.join(bad)} are invalid; n_train must be at least 1 and n_val,"
+            " n_test, n_sft at least 0"
+        )
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"kinds={list(kinds)} must name distinct kinds among {list(KINDS)}")
+
+
 def generate_geometry_dataset(
-    out_dir: str | Path, *, n_train: int, n_val: int, n_test: int, seed: int = 0
+    out_dir: str | Path, *, n_train: int, n_val: int, n_test: int, n_sft: int = 0,
+    kinds: Sequence[str] = LABELLED_KINDS, seed: int = 0,
 ) -> dict[str, Path]:
     """Render a fresh synthetic geometry set into ``out_dir`` (which must not exist yet).
 
     Everything is written into a temporary sibling directory that is renamed to ``out_dir`` at
-    the end, so an interrupted run never leaves a half-written ``out_dir``.
+    the end, so an interrupted run never leaves a half-written ``out_dir``. The splits take
+    consecutive problems in the order train, val, test, sft, so adding an sft split leaves the
+    others' bytes as they were.
+
+    Args:
+        n_train, n_val, n_test, n_sft: samples per split (0: no file).
+        kinds: question kinds (``KINDS`` keys), interleaved in this order.
+        seed: shuffles each kind's problems.
 
     Returns:
-        split name ("train", "val", "test"; only those with samples) → jsonl path.
+        split name ("train", "val", "test", "sft"; only those with samples) → jsonl path.
 
     Raises:
         FileExistsError: ``out_dir`` exists.
-        ValueError: a negative count, no training samples, or more samples than distinct problems.
+        ValueError: a negative count, no training samples, an unknown kind, or more samples
+            than distinct problems.
     """
     out_dir = Path(out_dir)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    bad = [f"n_{split}={n}" for split, n in counts.items() if n < 0]
-    if bad or n_train < 1:
-        raise ValueError(
-            f"sample counts {', '.join(bad) or f'n_train={n_train}'} are invalid; n_train must be"
-            " at least 1 and n_val, n_test at least 0"
-        )
+    counts = {"train": n_train, "val": n_val, "test": n_test, "sft": n_sft}
+    _check_arguments(counts, kinds)
     if out_dir.exists():
         raise FileExistsError(
             f"{out_dir} already exists; delete it to regenerate, or call ensure_geometry_dataset"
             " to reuse it"
         )
-    problems = _problems(sum(counts.values()), seed)
+    problems = _problems(sum(counts.values()), seed, kinds)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -325,7 +397,7 @@ def generate_geometry_dataset(
             if n > 0:
                 _write_split(tmp, split, problems[start:start + n])
             start += n
-        (tmp / "manifest.json").write_text(json.dumps(_manifest(counts, seed), indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(_manifest(counts, seed, kinds), indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         os.rename(tmp, out_dir)
     except BaseException:
@@ -335,20 +407,24 @@ def generate_geometry_dataset(
 
 
 def ensure_geometry_dataset(
-    out_dir: str | Path, *, n_train: int, n_val: int, n_test: int, seed: int = 0
+    out_dir: str | Path, *, n_train: int, n_val: int, n_test: int, n_sft: int = 0,
+    kinds: Sequence[str] = LABELLED_KINDS, seed: int = 0, replace: bool = False,
 ) -> dict[str, Path]:
     """Like :func:`generate_geometry_dataset`, but reuse ``out_dir`` when it holds this very set.
 
+    Args:
+        replace: a set generated with other arguments is deleted and generated anew (for a
+            directory only the caller writes, such as the demo's); False raises instead.
+
     Raises:
-        ValueError: ``out_dir`` exists but was generated with other arguments, or is not a
-            generated set (no manifest.json).
+        ValueError: ``out_dir`` exists but was generated with other arguments (and ``replace``
+            is False), or is not a generated set (no manifest.json).
     """
     out_dir = Path(out_dir)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
+    arguments = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "n_sft": n_sft, "kinds": kinds, "seed": seed}
     if not out_dir.exists():
         try:
-            return generate_geometry_dataset(out_dir, n_train=n_train, n_val=n_val,
-                                             n_test=n_test, seed=seed)
+            return generate_geometry_dataset(out_dir, **arguments)
         except OSError:
             # Another process (e.g. another DDP rank) published the set first: reuse it below.
             if not out_dir.exists():
@@ -360,9 +436,16 @@ def ensure_geometry_dataset(
             " point out_dir elsewhere or delete it"
         )
     found = json.loads(manifest_path.read_text())
-    wanted = _manifest(counts, seed)
-    differ = [f"{key}: found {found.get(key)!r}, wanted {value!r}"
-              for key, value in wanted.items() if found.get(key) != value]
+    counts = {"train": n_train, "val": n_val, "test": n_test, "sft": n_sft}
+    wanted = _manifest(counts, seed, kinds)
+    differ = [f"{key}: found {found.get(key)!r}, wanted {wanted.get(key)!r}"
+              for key in sorted(wanted.keys() | found.keys()) if found.get(key) != wanted.get(key)]
+    if differ and replace:
+        # Out of the way in one rename, so no reader ever sees a half-deleted set.
+        stale = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.stale-", dir=out_dir.parent))
+        os.rename(out_dir, stale / out_dir.name)
+        shutil.rmtree(stale, ignore_errors=True)
+        return ensure_geometry_dataset(out_dir, **arguments)
     if differ:
         raise ValueError(
             f"{manifest_path}: the set there was generated with other arguments"

@@ -7,8 +7,10 @@ configuration are grouped (rule in maye_pl/evaluation/runs.py). Outputs in --out
                         validation before training), Mean and Max over epochs (Vanilla excluded;
                         a run's epoch logged twice keeps its last value), and the gain of Max over
                         Vanilla in % = (Max - Vanilla) / Vanilla * 100 from the seed averages
-                        (empty when Vanilla is missing or 0). table.md shows accuracies in %,
-                        table.csv the logged fractions.
+                        (empty when Vanilla is missing or 0); then the metric after each epoch
+                        (rows "Epoch e" in table.md, statistic "epoch_e" in table.csv: the seed
+                        mean after e epochs). table.md shows accuracies in %, table.csv the logged
+                        fractions.
   train_accuracy.png    reward/accuracy_epoch per epoch
   response_length.png   rollout/response_length_mean per generation_step
   reflection_ratios.png the five reflection/<ratio> per generation_step
@@ -104,6 +106,16 @@ def table_statistics(group: RunGroup, metric: str) -> dict[str, float | None]:
     }
 
 
+def epoch_statistics(group: RunGroup, metric: str) -> dict[int, float]:
+    """`metric` after each epoch, averaged over the group's seeds that have it: {epoch (1-based):
+    value}; the evaluation after epoch e (0-based in metrics.jsonl) is epoch e + 1, as in the plots."""
+    per_epoch: dict[int, list[float]] = {}
+    for run in group.runs:
+        for epoch, value in epoch_values(run.rows, metric).items():
+            per_epoch.setdefault(epoch + 1, []).append(value)
+    return {epoch: fmean(values) for epoch, values in sorted(per_epoch.items())}
+
+
 def _md_cell(statistic: str, value: float | None) -> str:
     if value is None:
         return "–"
@@ -131,6 +143,15 @@ def write_tables(groups: list[RunGroup], metrics: list[str], out_dir: str) -> li
             md.append(f"| {_STAT_TITLES[stat]} | " + " | ".join(cells) + " |")
             csv_values = ["" if v is None else repr(v) for v in values]
             csv_rows.append([group.label, len(group.runs), stat, *csv_values])
+        # The rise epoch by epoch: Vanilla, then the evaluation after each epoch.
+        per_epoch = {metric: epoch_statistics(group, metric) for metric in metrics}
+        md += ["", "Per epoch:", "", "| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+        md.append("| Vanilla | " + " | ".join(_md_cell("vanilla", table[m]["vanilla"]) for m in metrics) + " |")
+        for epoch in sorted(set().union(*per_epoch.values())):
+            values = [per_epoch[m].get(epoch) for m in metrics]
+            md.append(f"| Epoch {epoch} | " + " | ".join(_md_cell("epoch", v) for v in values) + " |")
+            csv_rows.append([group.label, len(group.runs), f"epoch_{epoch}",
+                             *("" if v is None else repr(v) for v in values)])
     md_path, csv_path = os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")

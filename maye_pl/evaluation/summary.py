@@ -20,6 +20,8 @@ SPLITS = ("val", "test")
 REWARD_TOTAL = "reward/total"
 GENERATE_TOKENS_PER_S = "perf/generate_tokens_per_s"
 UPDATE_TOKENS_PER_S = "perf/update_tokens_per_s"
+MAX_COLUMNS = 8
+"""The most epochs (Vanilla included) the summary lists; longer runs show the first and last four."""
 _DATALOADER_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
 
 
@@ -59,29 +61,38 @@ def run_summary(
         train_seconds: wall time of those steps, validation excluded; None when unknown.
 
     Lines: the run directory; reward (epoch mean of ``reward/total``) and training accuracy
-    (``reward/accuracy_epoch``) from the first to the last epoch; every val/test metric from its
-    Vanilla value (the validation before training) to its last; seconds per step and the mean
-    generation and update throughput in tokens/s; the `maye_pl report` command for this run.
+    (``reward/accuracy_epoch``) per epoch; every val/test metric from its Vanilla value (the
+    validation before training) through each epoch's, with the change from Vanilla to the last;
+    seconds per step and the mean generation and update throughput in tokens/s; the
+    `maye_pl report` command for this run. Epochs count from 1 (Vanilla is epoch 0, as in the
+    report's plots); past ``MAX_COLUMNS`` epochs the middle ones are left out.
     """
     lines = [f"Run directory: {run_dir}"]
-    train = []
-    for label, per_epoch in (("reward", _epoch_means(rows, REWARD_TOTAL)),
-                             ("accuracy", epoch_values(rows, TRAIN_ACCURACY_EPOCH))):
-        if per_epoch:
-            first, last = min(per_epoch), max(per_epoch)
-            train.append([f"  {label}", f"epoch {first} {_number(per_epoch[first])}",
-                          f"→ epoch {last} {_number(per_epoch[last])}"])
+    train = {label: per_epoch for label, per_epoch in (("reward", _epoch_means(rows, REWARD_TOTAL)),
+                                                        ("accuracy", epoch_values(rows, TRAIN_ACCURACY_EPOCH)))
+             if per_epoch}
     if train:
-        lines += ["Training:", _layout(train)]
-    evaluation = []
+        epochs = _shown(sorted(set().union(*train.values())))
+        lines.append(f"Training (epoch {' → '.join('…' if e is None else str(e + 1) for e in epochs)}):")
+        lines.append(_layout([[f"  {label}", *_arrowed(per_epoch, epochs)] for label, per_epoch in train.items()]))
+    evaluation = {}
     for name in sorted({k for row in rows for k in row if k.partition("/")[0] in SPLITS}):
-        last = next((float(row[name]) for row in reversed(rows) if is_number(row.get(name))), None)
-        if last is None:  # only NaN/inf logged
-            continue
         vanilla = vanilla_value(rows, name)
-        evaluation.append([f"  {name}", "-" if vanilla is None else _number(vanilla), f"→ {_number(last)}"])
+        per_epoch = {epoch + 1: value for epoch, value in epoch_values(rows, name).items()}
+        if vanilla is not None:
+            per_epoch[0] = vanilla
+        if per_epoch:  # not only NaN/inf logged
+            evaluation[name] = per_epoch
     if evaluation:
-        lines += ["Evaluation (Vanilla → last):", _layout(evaluation)]
+        epochs = _shown(sorted(set().union(*evaluation.values())))
+        names = ["…" if e is None else "Vanilla" if e == 0 else f"epoch {e}" for e in epochs]
+        lines.append(f"Evaluation ({' → '.join(names)}):")
+        table = []
+        for name, per_epoch in evaluation.items():
+            first, last = per_epoch[min(per_epoch)], per_epoch[max(per_epoch)]
+            change = f"({last - first:+.4f})" if 0 in per_epoch and len(per_epoch) > 1 else ""
+            table.append([f"  {name}", *_arrowed(per_epoch, epochs), change])
+        lines.append(_layout(table))
     speed = []
     if steps and train_seconds is not None:
         speed.append(f"{train_seconds / steps:.2f} s/step over {steps} steps")
@@ -93,6 +104,21 @@ def run_summary(
         lines.append("Speed: " + ", ".join(speed))
     lines.append(f"Tables and plots: python -m maye_pl report {run_dir} --out {run_dir}/report")
     return "\n".join(lines)
+
+
+def _shown(epochs: list[int]) -> list[int | None]:
+    """``epochs`` as the summary shows them: all up to MAX_COLUMNS, else the first and last
+    halves around a None (printed "…")."""
+    if len(epochs) <= MAX_COLUMNS:
+        return list(epochs)
+    half = MAX_COLUMNS // 2
+    return [*epochs[:half], None, *epochs[-half:]]
+
+
+def _arrowed(per_epoch: dict[int, float], epochs: list[int | None]) -> list[str]:
+    """One cell per shown epoch, every cell after the first led by an arrow; "-" where missing."""
+    cells = ["…" if e is None else _number(per_epoch[e]) if e in per_epoch else "-" for e in epochs]
+    return [cells[0], *(f"→ {cell}" for cell in cells[1:])]
 
 
 def _epoch_means(rows: list[dict[str, Any]], metric: str) -> dict[int, float]:

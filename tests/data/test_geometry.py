@@ -1,6 +1,7 @@
 """The synthetic geometry set: byte-identical for a seed, written atomically, vision-dominant
 (no number in any question), balanced, disjoint across splits, valid MAYE jsonl, golden answers
-accepted by the project's judge, and the CLI over it."""
+accepted by the project's judge, and the CLI over it; the demo's shaded-area kind: the answer is
+the count of shaded cells in the pixels, an sft split apart from the others, a stale set replaced."""
 
 import hashlib
 import json
@@ -8,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import maye_pl.data.geometry as geometry
 from maye_pl.data import ensure_geometry_dataset, generate_geometry_dataset, load_split
@@ -61,7 +63,7 @@ def test_splits_are_valid_balanced_and_disjoint(geo):
     assert {name: len(s) for name, s in splits.items()} == {"train": 18, "val": 6, "test": 6}
     for samples in splits.values():
         assert Counter(s.extra["kind"] for s in samples) == Counter(
-            {kind: len(samples) // 6 for kind in geometry.KINDS})
+            {kind: len(samples) // 6 for kind in geometry.LABELLED_KINDS})
         for s in samples:
             assert s.solution.endswith(f"$\\boxed{{{s.answer}}}$.")
     # each problem is used once in the whole set: no (question, figure) pair repeats (area and
@@ -109,7 +111,7 @@ def test_ensure_reuses_a_matching_set_and_refuses_another(geo, tmp_path):
 def test_refuses_to_overwrite_and_to_exceed_the_problem_pool(geo, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         generate_geometry_dataset(geo["train"].parent, **COUNTS)
-    capacity = sum(len(kind.pool()) for kind in geometry.KINDS.values())
+    capacity = sum(len(geometry.KINDS[kind].pool()) for kind in geometry.LABELLED_KINDS)
     with pytest.raises(ValueError, match=f"exceeds the {capacity} distinct"):
         generate_geometry_dataset(tmp_path / "big", n_train=capacity, n_val=1, n_test=0)
 
@@ -130,3 +132,43 @@ def test_cli(tmp_path, capsys):
     assert cli.main([*args, "--reuse"]) == paths
     with pytest.raises(SystemExit):
         cli.main(args)  # exists, no --reuse
+
+
+def test_shaded_area_answers_are_in_the_pixels_and_the_sft_split_stands_apart(tmp_path):
+    """Each answer equals the number of grid cells whose centre pixel is shaded (read back from the
+    PNG, cells 28 px apart); the answers 3..9 are about equally frequent; the four splits share no
+    figure; the manifest records the kinds and the sft split."""
+    paths = generate_geometry_dataset(tmp_path / "grid", n_train=90, n_val=9, n_test=9, n_sft=18,
+                                      kinds=("shaded_area",), seed=0)
+    assert sorted(paths) == ["sft", "test", "train", "val"]
+    splits = {name: load_split(path) for name, path in paths.items()}
+    figures = []
+    for samples in splits.values():
+        for s in samples:
+            with Image.open(s.image_path) as image:
+                pixels = image.convert("RGB")
+                figures.append(pixels.tobytes())
+                shaded = sum(pixels.getpixel((col * 28 + 14, row * 28 + 14)) == (90, 90, 90)
+                             for row in range(4) for col in range(4))
+            assert s.answer == str(shaded) and s.solution == f"The shaded area is $\\boxed{{{shaded}}}$."
+            assert not any(ch.isdigit() for ch in s.question)
+    assert len(set(figures)) == len(figures) == 126
+    answers = Counter(s.answer for s in splits["train"])
+    assert set(answers) == {str(k) for k in range(3, 10)} and max(answers.values()) <= 3 * min(answers.values())
+    manifest = json.loads((tmp_path / "grid" / "manifest.json").read_text())
+    assert manifest["kinds"] == ["shaded_area"] and manifest["n_sft"] == 18
+
+
+def test_ensure_replaces_a_stale_set_only_when_asked(geo, tmp_path):
+    """replace=True regenerates a set made with other arguments (the demo's own directory);
+    without it the mismatch is an error naming the differing keys, sft and kinds included."""
+    root = tmp_path / "set"
+    generate_geometry_dataset(root, **COUNTS)
+    wanted = {**COUNTS, "n_sft": 6, "kinds": ("shaded_area",)}
+    with pytest.raises(ValueError, match=r"kinds: found None, wanted \['shaded_area'\]; n_sft: found None, wanted 6"):
+        ensure_geometry_dataset(root, **wanted)
+    paths = ensure_geometry_dataset(root, **wanted, replace=True)
+    assert load_split(paths["sft"])[0].extra["kind"] == "shaded_area"
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # the stale set is gone, no leftovers
+    with pytest.raises(ValueError, match="kinds=\\['circle'\\] must name distinct kinds"):
+        generate_geometry_dataset(tmp_path / "bad", n_train=1, n_val=0, n_test=0, kinds=("circle",))

@@ -1,6 +1,6 @@
 """`maye_pl report` on fabricated run directories (two seeds x three epochs of one config, one
-seed of another): seeds are grouped by config minus seed/paths, the Table 3 statistics equal
-hand-computed values in table.csv and table.md, the figures are real PNGs, missing metrics skip
+seed of another): seeds are grouped by config minus seed/paths, the Table 3 statistics and the
+per-epoch rows equal hand-computed values in table.csv and table.md, the figures are real PNGs, missing metrics skip
 a figure with a notice, and bad directories fail with a clear message."""
 
 import csv
@@ -27,15 +27,23 @@ GROUP_B = {7: {VAL8: (0.40, [0.40, 0.40, 0.40])}}
 #   A test: Vanilla (0.20+0.30)/2 = 0.25; Mean ((0.30+0.25+0.35)/3 + (0.30+0.40+0.20)/3)/2 = 0.30;
 #           Max (0.35+0.40)/2 = 0.375; gain 0.125/0.25 = 50 %
 #   B val:  0.40 everywhere, gain 0 %; B has no test metric.
+#   Per epoch (seed means): A val (0.50+0.45)/2 = 0.475, (0.60+0.70)/2 = 0.65, (0.55+0.65)/2 = 0.60;
+#           A test 0.30, (0.25+0.40)/2 = 0.325, (0.35+0.20)/2 = 0.275; B val 0.40 each epoch.
 EXPECTED_CSV = {
     ("model.init_args.lr=5e-06", "vanilla"): [0.45, 0.25],
     ("model.init_args.lr=5e-06", "mean"): [0.575, 0.30],
     ("model.init_args.lr=5e-06", "max"): [0.65, 0.375],
     ("model.init_args.lr=5e-06", "max_gain_pct"): [200 / 4.5, 50.0],
+    ("model.init_args.lr=5e-06", "epoch_1"): [0.475, 0.30],
+    ("model.init_args.lr=5e-06", "epoch_2"): [0.65, 0.325],
+    ("model.init_args.lr=5e-06", "epoch_3"): [0.60, 0.275],
     ("model.init_args.lr=1e-06", "vanilla"): [0.40, None],
     ("model.init_args.lr=1e-06", "mean"): [0.40, None],
     ("model.init_args.lr=1e-06", "max"): [0.40, None],
     ("model.init_args.lr=1e-06", "max_gain_pct"): [0.0, None],
+    ("model.init_args.lr=1e-06", "epoch_1"): [0.40, None],
+    ("model.init_args.lr=1e-06", "epoch_2"): [0.40, None],
+    ("model.init_args.lr=1e-06", "epoch_3"): [0.40, None],
 }
 # reflection word counts at generation step g = 1..6: "wait" 1 -> 9, "yet" 3 -> 0, "recheck" 0 -> 1,
 # "verify" and "rethink" flat: the four most changing are wait, yet, recheck, then rethink (tie with
@@ -119,6 +127,8 @@ def test_table_matches_hand_computation(runs_root: Path, tmp_path: Path, capsys)
     assert "| Max | 65.00 | 37.50 |" in md
     assert "| Max gain over Vanilla (%) | +44.44 | +50.00 |" in md
     assert "| Mean | 40.00 | – |" in md
+    # Per epoch: Vanilla, then after each epoch (the rise epoch by epoch).
+    assert "| Vanilla | 45.00 | 25.00 |\n| Epoch 1 | 47.50 | 30.00 |\n| Epoch 2 | 65.00 | 32.50 |\n| Epoch 3 | 60.00 | 27.50 |" in md
     assert "(seed 1)" in md and "(seed 2)" in md and "(seed 7)" in md
 
     figures = ("train_accuracy", "response_length", "reflection_ratios", "reflection_words")
