@@ -125,7 +125,7 @@ class SharedEngineRollout(RolloutCallback):
         super().__init__(engine="vllm", device="cpu", **kwargs)
         self._shared_engine = engine
 
-    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm):
+    def _start_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule, comm, cpu_cores):
         return self._shared_engine
 
     def shutdown(self) -> None:  # the session's engine outlives the run
@@ -177,6 +177,8 @@ RUNS = {
     # LoRA adapters after GRPO (its KL reference: the policy with the adapters off)
     "lora": (3, 2, 4, 4, False),
 }
+# The runs that also check the KL loss's reference pass (LoRA's: the policy with its adapters off)
+WITH_KL_LOSS = ("grpo", "dr_grpo", "lora")
 # recipe -> the overlays of its run (default: its own)
 STACKS = {"lora": ("recipes/grpo.yaml", "recipes/lora.yaml")}
 # The adapters start at B = 0: lora.yaml's 5e-5 would barely move the merged weights in 3 steps,
@@ -194,6 +196,8 @@ def test_recipe_runs_demo_steps_through_vllm(recipe, shared_engine, tiny_model_d
     init = _resolved("demo.yaml", *STACKS.get(recipe, (f"recipes/{recipe}.yaml",)))["model"]["init_args"]
     init["sampling"].update(n=samples, max_tokens=16 if learns else 12)
     init["ppo"].update(batch_size=minibatch, gradient_accumulation_steps=1 if learns else 2)
+    if recipe in WITH_KL_LOSS:  # the demo runs no KL loss; these runs take the paper's, through the reference
+        init["loss"]["kl_coef"] = 0.001
     overrides = {"lr": LEARNING_RATES[recipe]} if recipe in LEARNING_RATES else {}
     if learns:
         reward = "letter_share_on_half_the_prompts" if init["dynamic_sampling"]["enabled"] else "letter_share_reward"
@@ -208,7 +212,7 @@ def test_recipe_runs_demo_steps_through_vllm(recipe, shared_engine, tiny_model_d
         (float(step), float(step * updates)) for step in range(1, steps + 1)]
     mismatch = [row["policy/engine_logprob_mismatch"] for row in rows]
     assert max(mismatch) <= 1e-4, f"engine and trainer disagree after a weight sync: {mismatch}"
-    assert ("loss/kl" in rows[0]) == (recipe in ("grpo", "dr_grpo", "lora"))  # gspo, cispo: no KL, no reference
+    assert ("loss/kl" in rows[0]) == (recipe in WITH_KL_LOSS)
     if learns:
         rewards = [row["reward/letter"] for row in rows]
         print(f"{recipe} reward/letter per generation step: {[round(r, 3) for r in rewards]}")
