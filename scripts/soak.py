@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,9 @@ def _engine_pids() -> list[int]:
 
 
 class SoakProbe(pl.Callback):
-    """Appends ``{"step", "trainer_rss", "trainer_anon", "engine_rss", "engine_anon"}`` (MiB) to
-    ``path`` after every training step on global rank 0, and stops the fit after ``steps`` steps."""
+    """Appends ``{"step", "seconds", "trainer_rss", "trainer_anon", "engine_rss", "engine_anon"}``
+    (MiB; seconds since the first step began) to ``path`` after every training step on global rank 0,
+    and stops the fit after ``steps`` steps."""
 
     def __init__(self, path: str, steps: int) -> None:
         """
@@ -77,11 +79,16 @@ class SoakProbe(pl.Callback):
         self.path = path
         self.steps = steps
         self._count = 0
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            self._start = time.monotonic()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._count += 1
         if trainer.is_global_zero:
-            row: dict[str, float] = {"step": self._count}
+            row: dict[str, float] = {"step": self._count, "seconds": round(time.monotonic() - self._start, 1)}
             row["trainer_rss"], row["trainer_anon"] = _rss_mib(os.getpid())
             engines = _engine_pids()
             if engines:
@@ -111,7 +118,7 @@ def _fit_command(args: argparse.Namespace, work: Path, rows: Path) -> list[str]:
 def summarize(rows: list[dict[str, float]], every: int) -> dict[str, Any]:
     """Per process: RSS at the first, middle and last step, growth over the second half and the run."""
     middle, last = rows[(len(rows) - 1) // 2], rows[-1]
-    summary: dict[str, Any] = {"steps": len(rows), "middle_step": middle["step"]}
+    summary: dict[str, Any] = {"steps": len(rows), "middle_step": middle["step"], "seconds": last["seconds"]}
     for process in ("trainer", "engine"):
         key = f"{process}_rss"
         if key not in last:
@@ -151,9 +158,9 @@ def main() -> None:
         print(json.dumps(summary))
         return
     processes = [p for p in ("trainer", "engine") if p in summary]
-    print(f"{'step':>5} " + " ".join(f"{p + ' MiB':>12} {p + ' anon':>12}" for p in processes))
+    print(f"{'step':>5} {'s':>6} " + " ".join(f"{p + ' MiB':>12} {p + ' anon':>12}" for p in processes))
     for row in summary["rows"]:
-        print(f"{row['step']:>5} " + " ".join(f"{row[p + '_rss']:>12.1f} {row[p + '_anon']:>12.1f}" for p in processes))
+        print(f"{row['step']:>5} {row['seconds']:>6.0f} " + " ".join(f"{row[p + '_rss']:>12.1f} {row[p + '_anon']:>12.1f}" for p in processes))
     for process in processes:
         s = summary[process]
         print(f"{process}: {s['first_mib']:.0f} -> {s['middle_mib']:.0f} (step {summary['middle_step']}) -> "
