@@ -362,7 +362,9 @@ def _use_torch_gemm_for_linear_layers() -> None:
     every step held it flat; ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` stopped the growth of memory in
     use but not of the heap (+17 MiB from generation 30 to 70 of an engine-only loop). torch's
     GEMM (MKL for float32) keeps nothing per shape: over the same loop the heap stayed at
-    512.8 MiB, and a generation took no longer within the loaded machine's noise.
+    512.8 MiB, and over a 320-step demo fit the engine's RSS went 1,013 -> 1,014 (step 160) ->
+    1,011 MiB (``scripts/soak.py``). On the tiny demo model a generation took as long either way
+    (within the loaded machine's noise); a large model on a CPU was not measured.
     vLLM reads the flag when it builds each layer, so this runs before the engine starts.
     """
     import vllm._custom_ops as vllm_ops
