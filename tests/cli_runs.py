@@ -12,6 +12,8 @@
 - ``has_letter_e``: a reward by import path for runs whose groups must sometimes score alike.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
+- ``engine_processes_started_in``: the same proof for runs that have ended (`fit` run to completion
+  by ``subprocess.run``), by the engines' working directory.
 """
 
 from __future__ import annotations
@@ -194,6 +196,22 @@ class RunningFit:
                 process.wait()
         for output in self._outputs:
             output.close()
+
+
+def engine_processes_started_in(cwd: Path) -> list[psutil.Process]:
+    """Engine processes (hosts and vLLM's EngineCore) running under ``cwd``: a test's own runs, not
+    the engines other programs on the machine may run at the same time."""
+    from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == HOST_PROCESS_NAME or "EngineCore" in " ".join(process.info["cmdline"] or []):
+            try:
+                if Path(process.cwd()).is_relative_to(cwd):
+                    found.append(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    return found
 
 
 def _free_port() -> int:

@@ -19,11 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from maye_pl.cli import MayeCLI
-from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
+
+from cli_runs import engine_processes_started_in
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -107,20 +107,6 @@ def _maye_pl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def _engine_processes(cwd: Path) -> list[psutil.Process]:
-    """Engine processes started from ``cwd`` (the test's runs; other programs on the machine may run engines too)."""
-    found = []
-    for process in psutil.process_iter(["name", "cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if process.info["name"] == HOST_PROCESS_NAME or "EngineCore" in cmdline:
-            try:
-                if Path(process.cwd()).is_relative_to(cwd):
-                    found.append(process)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_fit_test_and_report(tmp_path):
@@ -133,6 +119,8 @@ def test_demo_fit_test_and_report(tmp_path):
         "--model.loss.kl_coef", "0.001",  # the paper's KL loss (the demo runs none): the reference model's path
         "--data.max_eval_samples", "2",
         "--trainer.limit_train_batches", "1",
+        # 4 prompts x 4 samples a step, one minibatch: the loop's paths at a fraction of the demo's step
+        "--data.batch_size", "4", "--model.sampling.n", "4", "--model.ppo.batch_size", "16",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]
     run_dirs = []
@@ -181,7 +169,7 @@ def test_demo_fit_test_and_report(tmp_path):
     pngs = list((tmp_path / "report").glob("*.png"))
     assert pngs and all(p.stat().st_size > 0 for p in pngs)
 
-    assert _engine_processes(tmp_path) == [], "an engine process outlived its run"
+    assert engine_processes_started_in(tmp_path) == [], "an engine process outlived its run"
     assert (tmp_path / ".cache/tiny-qwen2.5-vl/config.json").is_file()
     assert (tmp_path / "datasets/demo_geometry/manifest.json").is_file()
 
@@ -199,8 +187,10 @@ def test_loggers_are_selected_on_the_command_line(tmp_path):
     ]
     _maye_pl(
         "fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger", json.dumps(loggers),
+        "--model.model_path", ".cache/tiny-qwen2.5-vl",  # not the demo's SFT warm start: no SFT run to build it
         "--data.val_path", "null", "--data.test_path", "null",
-        "--model.validate_before_fit", "false", "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+        "--model.validate_before_fit", "false", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+        "--data.batch_size", "2", "--model.sampling.n", "2", "--model.ppo.batch_size", "4",
         "--rollout.engine", "hf",
         cwd=tmp_path,
     )

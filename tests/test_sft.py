@@ -24,8 +24,9 @@ from maye_pl.cli import main as maye_pl_main
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
 from maye_pl.optim import OptimArgs
-from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.sft import SFT
+
+from cli_runs import engine_processes_started_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,20 +110,9 @@ def _maye_pl(*args: str, cwd: Path) -> None:
     assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-def _engine_pids() -> set[int]:
-    import psutil
-
-    found = set()
-    for process in psutil.process_iter(["name", "cmdline"]):
-        if process.info["name"] == HOST_PROCESS_NAME or "EngineCore" in " ".join(process.info["cmdline"] or []):
-            found.add(process.pid)
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_sft_demo_fit_through_vllm_and_report(tmp_path):
-    before = _engine_pids()
     _maye_pl(
         "fit", "--config", str(REPO / "configs/sft_demo.yaml"),
         "--model.eval_max_tokens", "16",
@@ -151,7 +141,7 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
     maye_pl_main(["report", str(run_dir), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
-    assert _engine_pids() <= before, "an engine process outlived its run"
+    assert engine_processes_started_in(tmp_path) == [], "an engine process outlived its run"
     # demo_assets built the tiny model and the synthetic set at the config's paths, relative to the cwd.
     assert (tmp_path / ".cache/tiny-qwen2.5-vl/config.json").is_file()
     assert (tmp_path / "datasets/demo_geometry/manifest.json").is_file()
