@@ -72,7 +72,7 @@ def test_print_config_comments_give_each_group_field_its_help(capsys):
 
 
 @pytest.mark.parametrize(("config", "max_model_len", "train_max_tokens", "eval_max_tokens"), [
-    ("demo.yaml", 1024, 16, 16),  # model.sampling.max_tokens serves training and evaluation
+    ("demo.yaml", 1024, 12, 12),  # model.sampling.max_tokens serves training and evaluation
     ("geo3k.yaml", 8192, 2048, 2048),
     ("sft_demo.yaml", 1024, None, 24),  # SFT generates only to evaluate: model.eval_max_tokens
 ])

@@ -194,7 +194,10 @@ def test_recipe_runs_demo_steps_through_vllm(recipe, shared_engine, tiny_model_d
     every weight sync (fp32 CPU), and GSPO and CISPO raise the letter reward within 5 steps."""
     steps, prompts, samples, minibatch, learns = RUNS[recipe]
     init = _resolved("demo.yaml", *STACKS.get(recipe, (f"recipes/{recipe}.yaml",)))["model"]["init_args"]
-    init["sampling"].update(n=samples, max_tokens=16 if learns else 12)
+    init["sampling"].update(n=samples, max_tokens=16 if learns else 12, temperature=0.7)
+    # demo.yaml's T=1.0, warmup and prompt dedup are tuned for its task: these runs keep the values they were measured with.
+    init.update(dedup_group_prompts=False)
+    init["optim"].update(warmup_steps=None)
     init["ppo"].update(batch_size=minibatch, gradient_accumulation_steps=1 if learns else 2)
     if recipe in WITH_KL_LOSS:  # the demo runs no KL loss; these runs take the paper's, through the reference
         init["loss"]["kl_coef"] = 0.001

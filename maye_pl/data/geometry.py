@@ -43,7 +43,7 @@ MARGIN = 18
 """Room left around a figure for its labels, in pixels."""
 SPLIT_FILES = {"train": "train.jsonl", "val": "validation.jsonl", "test": "test.jsonl", "sft": "sft.jsonl"}
 """Split name → file name ("sft": the SFT warm start's own problems, kept apart from RL's "train")."""
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the output for a given seed changes, so ensure_geometry_dataset regenerates."""
 
 
@@ -240,8 +240,8 @@ THIRD_ANGLE = _Kind(
 
 GRID = 4
 """Cells per side of the shaded-area grid; a cell is SIZE / GRID = 28 px, one merged vision token."""
-SHADED_COUNTS = range(3, 10)
-"""How many cells a figure shades: the answers 3 ... 9."""
+SHADED_COUNTS = range(3, 7)
+"""How many cells a figure shades: the answers 3 ... 6."""
 _SHADINGS_PER_COUNT = 400
 """Distinct shadings per count (of the 560 ways to shade 3 of the 16 cells), so answers are equally frequent."""
 
@@ -276,7 +276,7 @@ SHADED_AREA = _Kind(
     question="<image>The grid in the figure is made of unit squares. Find the area of the shaded region.",
     pool=_shadings,
     answer=lambda *cells: str(len(cells)),
-    solution=lambda *cells: f"The shaded area is $\\boxed{{{len(cells)}}}$.",
+    solution=lambda *cells: f"The area is \\boxed{{{len(cells)}}}.",
     draw=_draw_shaded_grid,
 )
 
