@@ -12,6 +12,7 @@
 - ``has_letter_e``: a reward by import path for runs whose groups must sometimes score alike.
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
+- ``run_maye_pl``: `python -m maye_pl ...` to its end, failing the test (with its output) unless it succeeds.
 - ``engine_processes_started_in``: the same proof for runs that have ended (`fit` run to completion
   by ``subprocess.run``), by the engines' working directory.
 """
@@ -196,6 +197,14 @@ class RunningFit:
                 process.wait()
         for output in self._outputs:
             output.close()
+
+
+def run_maye_pl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m maye_pl *args`` in ``cwd`` to its end; asserts it exited 0."""
+    result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
 
 
 def engine_processes_started_in(cwd: Path) -> list[psutil.Process]:

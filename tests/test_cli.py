@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from maye_pl.cli import MayeCLI
 
-from cli_runs import engine_processes_started_in
+from cli_runs import engine_processes_started_in, run_maye_pl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -100,13 +98,6 @@ EXPECTED_METRICS = [
 ]
 
 
-def _maye_pl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_fit_test_and_report(tmp_path):
@@ -128,8 +119,8 @@ def test_demo_fit_test_and_report(tmp_path):
         # The second run pipelines its rollouts: one batch per epoch, so the batch generated ahead
         # is the next epoch's first, in flight while the epoch's validation runs.
         pipelined = ["--rollout.max_staleness", "1"] if seed else []
-        fit = _maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
-                       "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
+        fit = run_maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
+                          "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
         run_dirs.append(tmp_path / "runs" / "demo" / f"seed{seed}")
     # One Vanilla table with a column per split (not Lightning's per-dataloader duplicate), then the summary.
     assert "DataLoader 1" not in fit.stdout and re.search(r"Validation metric +val +test\n", fit.stdout)
@@ -157,13 +148,13 @@ def test_demo_fit_test_and_report(tmp_path):
     assert set(first) == {"id", "question", "answer", "predictions", "correct"} and len(first["predictions"]) == 8
 
     checkpoint = next((run_dirs[0] / "checkpoints").glob("*.ckpt"))
-    tested = _maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
-                      cwd=tmp_path)
+    tested = run_maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
+                         cwd=tmp_path)
     assert re.search(r"Test metric +test\n", tested.stdout) and "DataLoader 0" not in tested.stdout
     test_rows = [json.loads(line) for line in (tmp_path / "runs/demo/test/metrics.jsonl").read_text().splitlines()]
     assert "test/pass@1_t0.6" in test_rows[-1]
 
-    _maye_pl("report", *map(str, run_dirs), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    run_maye_pl("report", *map(str, run_dirs), "--out", str(tmp_path / "report"), cwd=tmp_path)
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
     pngs = list((tmp_path / "report").glob("*.png"))
@@ -185,7 +176,7 @@ def test_loggers_are_selected_on_the_command_line(tmp_path):
         {"class_path": "lightning.pytorch.loggers.WandbLogger",
          "init_args": {"save_dir": str(runs / "wandb"), "offline": True}},
     ]
-    _maye_pl(
+    run_maye_pl(
         "fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.logger", json.dumps(loggers),
         "--model.model_path", ".cache/tiny-qwen2.5-vl",  # not the demo's SFT warm start: no SFT run to build it
         "--data.val_path", "null", "--data.test_path", "null",

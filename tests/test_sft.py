@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,7 +24,7 @@ from maye_pl.evaluation import MetricsFileCallback, read_metrics
 from maye_pl.optim import OptimArgs
 from maye_pl.sft import SFT
 
-from cli_runs import engine_processes_started_in
+from cli_runs import engine_processes_started_in, run_maye_pl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,16 +102,10 @@ def test_a_few_steps_overfit_eight_samples(tiny_model_dir, train_path, tmp_path)
     assert losses[-1] < 0.65 * losses[0], f"the SFT loss did not fall: {losses}"
 
 
-def _maye_pl(*args: str, cwd: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_sft_demo_fit_through_vllm_and_report(tmp_path):
-    _maye_pl(
+    run_maye_pl(
         "fit", "--config", str(REPO / "configs/sft_demo.yaml"),
         "--model.eval_max_tokens", "16",
         "--data.max_eval_samples", "2",
