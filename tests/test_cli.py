@@ -3,12 +3,12 @@
 `test_every_config_parses` keeps configs/ from rotting (LitGPT's test_config_hub idea): each YAML is
 parsed against the real constructor signatures, so a renamed or mistyped key fails here.
 
-`test_demo_fit_test_and_report` runs what the README tells a newcomer to run, shortened, as two
-seeds in fresh processes (the second with pipelined rollouts, `--rollout.max_staleness 1`): `fit`
-(validation before training and after each epoch, rollouts from the real vLLM engine), then `test`
-from the saved checkpoint, then `report` over both runs. It checks
-every metric the paper's evaluation scheme needs is in metrics.jsonl, per-sample predictions are
-written, the report writes its table and figures, and no engine process survives.
+`test_demo_fit_test_and_report` runs what the README tells a newcomer to run, shortened, in fresh
+processes (`test` and `report` in this one): `fit` with pipelined rollouts (`--rollout.max_staleness 1`; validation before training
+and after each epoch, rollouts from the real vLLM engine), then `test` from the saved checkpoint,
+then `report` over both runs. It checks every metric the paper's evaluation scheme needs is in
+metrics.jsonl, per-sample predictions are written, the report writes its table and figures, and no
+engine process survives.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from maye_pl.cli import MayeCLI
+from maye_pl.cli import MayeCLI, main
 
 from cli_runs import engine_processes_started_in, run_maye_pl
 
@@ -100,7 +100,7 @@ EXPECTED_METRICS = [
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_demo_fit_test_and_report(tmp_path):
+def test_demo_fit_test_and_report(tmp_path, capfd):
     overrides = [  # the demo's relative data paths: demo_assets builds them under tmp_path
         "--config", str(REPO / "configs/demo.yaml"),
         # The tiny random model, also built by demo_assets: this test runs the loop, not the
@@ -114,47 +114,48 @@ def test_demo_fit_test_and_report(tmp_path):
         "--data.batch_size", "4", "--model.sampling.n", "4", "--model.ppo.batch_size", "16",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]
-    run_dirs = []
-    for seed in (0, 1):
-        # The second run pipelines its rollouts: one batch per epoch, so the batch generated ahead
-        # is the next epoch's first, in flight while the epoch's validation runs.
-        pipelined = ["--rollout.max_staleness", "1"] if seed else []
-        fit = run_maye_pl("fit", *overrides, *pipelined, "--seed_everything", str(seed),
-                          "--trainer.logger.init_args.version", f"seed{seed}", cwd=tmp_path)
-        run_dirs.append(tmp_path / "runs" / "demo" / f"seed{seed}")
+    # Pipelined: one batch per epoch, so the batch generated ahead is the next epoch's first, in
+    # flight while the epoch's validation runs.
+    fit = run_maye_pl("fit", *overrides, "--rollout.max_staleness", "1", "--trainer.logger.init_args.version", "fit",
+                      cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "demo" / "fit"
     # One Vanilla table with a column per split (not Lightning's per-dataloader duplicate), then the summary.
     assert "DataLoader 1" not in fit.stdout and re.search(r"Validation metric +val +test\n", fit.stdout)
-    assert f"python -m maye_pl report {run_dirs[1]} --out" in fit.stdout
+    assert f"python -m maye_pl report {run_dir} --out" in fit.stdout
     assert " INFO " not in fit.stderr  # vLLM at WARNING
 
-    for run_dir in run_dirs:
-        logged = set().union(*(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()))
-        assert not [name for name in EXPECTED_METRICS if name not in logged], run_dir
-        # The engine's own generation time, known once the rollouts are resolved (it read 0 before
-        # the rollouts came back, and tokens/s 1e9 times the truth).
-        for row in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()):
-            if "perf/generate_s" in row:
-                tokens = row["perf/generate_tokens_per_s"] * row["perf/generate_s"]
-                assert row["perf/generate_s"] > 0 and tokens >= 1 and abs(tokens - round(tokens)) < 1e-6 * tokens
-    pipelined_rows = [json.loads(line) for line in (run_dirs[1] / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*rows)
+    assert not [name for name in EXPECTED_METRICS if name not in logged]
+    # The engine's own generation time, known once the rollouts are resolved (it read 0 before
+    # the rollouts came back, and tokens/s 1e9 times the truth).
+    for row in rows:
+        if "perf/generate_s" in row:
+            tokens = row["perf/generate_tokens_per_s"] * row["perf/generate_s"]
+            assert row["perf/generate_s"] > 0 and tokens >= 1 and abs(tokens - round(tokens)) < 1e-6 * tokens
     # Epoch 2's batch was generated during epoch 1, by the weights before that epoch's update.
-    assert [row["policy/staleness"] for row in pipelined_rows if "policy/staleness" in row] == [0.0, 1.0]
-    rows = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [row["policy/staleness"] for row in rows if "policy/staleness" in row] == [0.0, 1.0]
     vanilla = [row for row in rows if "val/pass@8_t1.0" in row]
     assert [row["step"] for row in vanilla] == [0, 1, 2]  # before training, after epochs 1 and 2 (1 update each)
-    predictions = sorted(p.name for p in (run_dirs[0] / "predictions").iterdir())
+    predictions = sorted(p.name for p in (run_dir / "predictions").iterdir())
     assert "val_pass@8_t1.0_step0.jsonl" in predictions and "test_pass@1_t0.01_step2.jsonl" in predictions
-    first = json.loads((run_dirs[0] / "predictions" / "val_pass@8_t1.0_step0.jsonl").read_text().splitlines()[0])
+    first = json.loads((run_dir / "predictions" / "val_pass@8_t1.0_step0.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "question", "answer", "predictions", "correct"} and len(first["predictions"]) == 8
 
-    checkpoint = next((run_dirs[0] / "checkpoints").glob("*.ckpt"))
-    tested = run_maye_pl("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
-                         cwd=tmp_path)
-    assert re.search(r"Test metric +test\n", tested.stdout) and "DataLoader 0" not in tested.stdout
+    checkpoint = next((run_dir / "checkpoints").glob("*.ckpt"))
+    # `test` and `report` through the CLI's entry point in this process (a fresh interpreter's
+    # imports are the fit's to prove): `test` on the warm engine host this process keeps.
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        patch.setattr("sys.argv", ["maye_pl"])
+        main(["test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test"])
+    tested = capfd.readouterr().out
+    assert re.search(r"Test metric +test\n", tested) and "DataLoader 0" not in tested
     test_rows = [json.loads(line) for line in (tmp_path / "runs/demo/test/metrics.jsonl").read_text().splitlines()]
     assert "test/pass@1_t0.6" in test_rows[-1]
 
-    run_maye_pl("report", *map(str, run_dirs), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    main(["report", str(run_dir), str(tmp_path / "runs/demo/test"), "--out", str(tmp_path / "report")])
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
     pngs = list((tmp_path / "report").glob("*.png"))

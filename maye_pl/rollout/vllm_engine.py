@@ -166,7 +166,8 @@ class VLLMEngine:
         env = host_environment(self.device, log_level)
         self._host = take_prestarted_host(self.device) or spawn_host(env, self.device)
         self.location = f"on {self.device}"
-        return self.model_path, env
+        # A prestarted host keeps the working directory it started in, maybe not this one.
+        return self._absolute_model_path(), env
 
     def _connect(self, remote: str, name: str, tensor_parallel_size: int, weight_transport: str,
                  log_level: str) -> tuple[str, str]:
@@ -179,10 +180,14 @@ class VLLMEngine:
         self._host = connect_engine_server(remote, name)
         self.device = self._host.device
         self.location = f"on {self.device} at the engine server {remote}"
-        # The server reads the path on its machine: a local path goes absolute (the same path
-        # there), anything else is a hub id.
+        # The server reads the path on its machine: the same absolute path there.
+        return self._absolute_model_path(), log_level
+
+    def _absolute_model_path(self) -> str:
+        """The model path for the engine's process: a local path made absolute (that process may
+        run in another working directory), anything else (a hub id) as given."""
         path = Path(self.model_path)
-        return (str(path.resolve()) if path.exists() else self.model_path), log_level
+        return str(path.resolve()) if path.exists() else self.model_path
 
     def wait_ready(self) -> None:
         """Block until the engine has loaded the model (the first operation does this implicitly).

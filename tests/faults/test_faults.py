@@ -5,7 +5,8 @@ the run ends within its bound (functional guarantees, not speed benchmarks: a we
 an orphaned rank would exceed them by far), and that the metrics file keeps the finished steps.
 
 - Bad data (a non-UTF-8 line, a prompt longer than the engine's budget) stops `fit` before the
-  engine starts, naming file:line, with exit status 2 and no traceback.
+  engine starts, naming file:line, with exit status 2 and no traceback (through the CLI's entry
+  point in the test's process: a fresh interpreter would add ~15 s of imports and prove nothing more).
 - An engine process SIGKILLed mid-step, the second of two (`rollout.num_engines 2` on 2 ranks, so
   its owner is not rank 0): the run stops within 15 s saying that engine died and naming it
   (`engine 1 of 2 (node 0, rank 1)`), nothing left. (One engine's death in one process is the same
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from maye_pl.cli import main
 from maye_pl.evaluation.metrics_file import read_metrics
 from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
@@ -58,30 +59,37 @@ def _trained_steps(workdir: Path, name: str) -> list[int]:
     return [int(row["generation_step"]) for row in read_metrics(str(workdir / "runs/demo" / name)) if "loss/total" in row]
 
 
-def _stopped_before_the_engine(workdir: Path, name: str, *extra: str) -> str:
-    args, env, _ = fit_command(workdir, name, *extra)
-    result = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-4000:]  # a user error: its message, no traceback
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output
+def _stopped_before_the_engine(capfd: pytest.CaptureFixture, workdir: Path, name: str, *extra: str) -> str:
+    """`fit` through the CLI's entry point in this process (what `python -m maye_pl` calls after its
+    imports; the whole-process paths are the other tests'), from this directory's files: a user
+    error, so its message on stderr, exit status 2, no traceback and no engine. Returns stderr."""
+    args, _, _ = fit_command(workdir, name, *extra)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setattr("sys.argv", ["maye_pl"])  # the command line is `args` alone
+        with pytest.raises(SystemExit) as exited:
+            main(args[args.index("fit"):])
+    output = capfd.readouterr()
+    assert exited.value.code == 2, output.err[-4000:]  # a user error: its message, no traceback
+    assert "Traceback" not in output.out + output.err
     # Neither maye_pl's engine-ready line nor the engine's own log prefix: it never started.
-    assert "vLLM engine on" not in output and "maye_pl-vllm-engine" not in output
-    return result.stderr
+    assert "vLLM engine on" not in output.out + output.err and "maye_pl-vllm-engine" not in output.out + output.err
+    return output.err
 
 
-def test_bad_data_stops_before_the_engine_starts(workdir):
+def test_bad_data_stops_before_the_engine_starts(workdir, capfd):
     lines = (workdir / "geo/train.jsonl").read_bytes().splitlines(keepends=True)
     latin1 = workdir / "geo/train_latin1.jsonl"
     latin1.write_bytes(b"".join(lines[:2]) + lines[2].replace(b"\"question\": \"", b"\"question\": \"\xe9", 1)
                        + b"".join(lines[3:]))
-    stderr = _stopped_before_the_engine(workdir, "latin1", "--data.train_path", str(latin1))
+    stderr = _stopped_before_the_engine(capfd, workdir, "latin1", "--data.train_path", str(latin1))
     assert f"DatasetError: 1 problem in the dataset files:\n  {latin1}:3: (encoding): not UTF-8 (byte 0xe9" in stderr
 
     record = json.loads(lines[1])
     record["question"] += " The figure is drawn to scale." * 200
     overlong = workdir / "geo/train_overlong.jsonl"
     overlong.write_bytes(lines[0] + json.dumps(record).encode() + b"\n" + b"".join(lines[2:]))
-    stderr = _stopped_before_the_engine(workdir, "overlong", "--data.train_path", str(overlong))
+    stderr = _stopped_before_the_engine(capfd, workdir, "overlong", "--data.train_path", str(overlong))
     # The limit: rollout.max_model_len 1024 (demo.yaml) - model.sampling.max_tokens 12.
     found = re.search(rf"{re.escape(str(overlong))}:2: question: prompt is (\d+) tokens, the limit is 1012 ", stderr)
     assert found and int(found.group(1)) > 1012, stderr[-4000:]
