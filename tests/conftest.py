@@ -36,6 +36,28 @@ FAMILIES = tuple(ADAPTERS)  # ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ENGINE_FAMILIES = FAMILIES[:3]
 
 
+# The suite runs on two workers, a test file each at a time (setup.cfg: `-n 2 --dist loadfile
+# --no-loadscope-reorder`). Its longest files (real `fit` processes and engines; seconds measured
+# idle at 9d9b2f5) go first, longest first, so the workers start on them and the quick files fill
+# in behind: in collection order they came last and one worker ran them alone.
+LONGEST_FILES = (
+    "test_resume.py",  # 210 s
+    "test_fsdp2_training.py",  # 138 s
+    "test_faults.py",  # 125 s
+    "test_vllm_engine.py",  # 100 s
+    "test_cli.py",  # 55 s
+    "test_learning.py",  # 39 s
+    "test_engine_server.py",  # 38 s
+    "test_sft.py",  # 32 s
+)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (tests sharing a parametrized fixture together)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny random Qwen2.5-VL (seed 0) that transformers and vLLM both load."""
