@@ -13,6 +13,7 @@
 - ``RunningFit.engines``: the run's vLLM engine processes (to prove none outlives it; other
   programs' engines on the same machine are not counted).
 - ``run_maye_pl``: `python -m maye_pl ...` to its end, failing the test (with its output) unless it succeeds.
+- ``run_maye_pl_here``: the same command through the CLI's entry point in the test's process.
 - ``engine_processes_started_in``: the same proof for runs that have ended (`fit` run to completion
   by ``subprocess.run``), by the engines' working directory.
 """
@@ -32,6 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import psutil
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +207,19 @@ def run_maye_pl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                             timeout=600)
     assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+def run_maye_pl_here(*args: str, cwd: Path) -> None:
+    """``maye_pl *args`` through the CLI's entry point (``maye_pl.cli.main``) in this process, in
+    ``cwd``: what `python -m maye_pl` runs after its imports, without a fresh interpreter's ~9 s of
+    them (for a test marked ``vllm``, the engine host is conftest's warm one). Raises what ``main``
+    raises (``SystemExit`` for a user error)."""
+    from maye_pl.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setattr("sys.argv", ["maye_pl"])  # the command line is ``args`` alone
+        main(list(args))
 
 
 def engine_processes_started_in(cwd: Path) -> list[psutil.Process]:

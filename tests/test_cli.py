@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from maye_pl.cli import MayeCLI, main
+from maye_pl.cli import MayeCLI
 
-from cli_runs import engine_processes_started_in, run_maye_pl
+from cli_runs import engine_processes_started_in, run_maye_pl, run_maye_pl_here
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -146,16 +146,15 @@ def test_demo_fit_test_and_report(tmp_path, capfd):
     # `test` and `report` through the CLI's entry point in this process (a fresh interpreter's
     # imports are the fit's to prove): `test` on the warm engine host this process keeps.
     capfd.readouterr()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(tmp_path)
-        patch.setattr("sys.argv", ["maye_pl"])
-        main(["test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test"])
+    run_maye_pl_here("test", *overrides, "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "test",
+                     cwd=tmp_path)
     tested = capfd.readouterr().out
     assert re.search(r"Test metric +test\n", tested) and "DataLoader 0" not in tested
     test_rows = [json.loads(line) for line in (tmp_path / "runs/demo/test/metrics.jsonl").read_text().splitlines()]
     assert "test/pass@1_t0.6" in test_rows[-1]
 
-    main(["report", str(run_dir), str(tmp_path / "runs/demo/test"), "--out", str(tmp_path / "report")])
+    run_maye_pl_here("report", str(run_dir), str(tmp_path / "runs/demo/test"), "--out", str(tmp_path / "report"),
+                     cwd=tmp_path)
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
     pngs = list((tmp_path / "report").glob("*.png"))

@@ -1,14 +1,15 @@
 """The demo trains under FSDP2Strategy on 2 CPU processes (gloo) exactly as one process does, for
 every model family (its demo config: configs/demo.yaml, demo_qwen2_vl.yaml, demo_qwen3_vl.yaml).
 
-Two `python -m maye_pl fit --config configs/demo*.yaml` runs over the same global batch (each a
-2-step demo fit through the real vLLM engine):
+Two `fit --config configs/demo*.yaml` runs over the same global batch (each a 2-step demo fit
+through the real vLLM engine):
   - 2 ranks, FSDP2Strategy with activation checkpointing, 2 prompts per rank, both compute
     switches on: token-budget micro-batches (``model.max_tokens_per_micro_batch``) and one prompt
     pass per group (``model.dedup_group_prompts``); for Qwen2.5-VL one engine per rank
     (`rollout.num_engines 2`: each rank's engine generates its own prompts, requests 0-1 and 2-3 of
     the step), for Qwen3-VL one engine on rank 0 that generates for both ranks;
-  - 1 process, no sharding, 4 prompts, both switches off (padded row micro-batches).
+  - 1 process, no sharding, 4 prompts, both switches off (padded row micro-batches): this test's
+    process, through the CLI's entry point (no fresh interpreter's imports).
 (The 2-engine run also validates before fitting: the evaluation scheme through both engines, the
 validation's engines then serving the fit; 3 samples per split on 2 ranks, so the sampler pads rank
 1 with a repeat, yet each predictions file holds each sample once.)
@@ -42,6 +43,8 @@ from maye_pl.data import generate_geometry_dataset
 from maye_pl.export import read_checkpoint
 from maye_pl.models.loading import load_policy
 
+from cli_runs import run_maye_pl_here
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,9 +59,13 @@ def _same_problem_split(tmp_path: Path) -> Path:
 DEMO_CONFIGS = {"qwen2_vl": "demo_qwen2_vl.yaml", "qwen2_5_vl": "demo.yaml", "qwen3_vl": "demo_qwen3_vl.yaml"}
 
 
-def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, config: str = "demo.yaml") -> Path:
+def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, config: str = "demo.yaml",
+         here: bool = False) -> Path:
+    """A 2-step demo `fit`: in a fresh process (``python -m maye_pl``; Lightning launches the other
+    ranks), or with ``here`` in this process (one process, the warm engine host). Returns its
+    checkpoint."""
     args = [
-        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs" / config),
+        "fit", "--config", str(REPO / "configs" / config),
         "--demo_assets", "false",
         "--model.model_path", str(model),
         "--data.train_path", str(train), "--data.val_path", "null", "--data.test_path", "null",
@@ -78,9 +85,13 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
         "--trainer.logger.init_args.version", name,
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
+    if here:
+        run_maye_pl_here(*args, cwd=tmp_path)
+    else:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+        result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
     [run_dir] = (tmp_path / "runs").glob(f"*/{name}")  # runs/<the config's logger name>/<name>
     return next((run_dir / "checkpoints").glob("*.ckpt"))
 
@@ -114,7 +125,7 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path, family, family_model_dir, s
                    "--model.max_tokens_per_micro_batch", "128", "--model.dedup_group_prompts", "true", config=config)
     single = _fit(tmp_path, "single", train, model, "--data.batch_size", "4", "--model.ppo.batch_size", "8",
                   "--rollout.weight_transport", "pipe", "--model.max_tokens_per_micro_batch", "null",
-                  "--model.dedup_group_prompts", "false", config=config)
+                  "--model.dedup_group_prompts", "false", config=config, here=True)
 
     assert sharded.is_dir() and single.is_file()  # a distributed (DCP) checkpoint vs one file
     sharded_weights, _ = read_checkpoint(sharded, "policy.")

@@ -1,7 +1,8 @@
 """Resuming from a checkpoint continues the run exactly, and a crash mid-save never costs the last one.
 
 `test_resume_mid_epoch_matches_the_uninterrupted_run` (slow, real vLLM engine) runs the CLI three
-times in fresh processes, with the default console (progress bar, summary), in two layouts, both
+times, with the default console (progress bar, summary), in two layouts (2 nodes: fresh processes;
+one process: the preempted run fresh, the others in the test's process), both
 pipelined (`rollout.max_staleness 1`: the rollouts of the batch in flight at the checkpoint are
 saved with it): one process (a single .ckpt file), validating every 2 generation steps, with LoRA
 adapters and DAPO's dynamic sampling; and 2 simulated nodes (two `fit` processes on localhost,
@@ -56,7 +57,7 @@ from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 from maye_pl.strategies import FSDP2Strategy
 from maye_pl.strategies.fsdp2 import publish_checkpoint
 
-from cli_runs import RunningFit, fit_command
+from cli_runs import RunningFit, fit_command, run_maye_pl_here
 
 
 # ---------------------------------------------------------------------------------------------- e2e
@@ -91,7 +92,13 @@ def _nodes(extra: tuple[str, ...]) -> int:
 
 
 def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
-    """One `fit` in fresh processes (one per node), to its end; returns its output directory."""
+    """One `fit` to its end; returns its output directory. On 2 nodes, fresh processes (one per
+    node); in one process, this test's, through the CLI's entry point (the preempted run is the
+    fresh process there: a fresh interpreter adds only its imports to the others)."""
+    if _nodes(extra) == 1:
+        args, _, out = _fit_command(tmp_path, name, *extra)
+        run_maye_pl_here(*args[args.index("fit"):], cwd=tmp_path)
+        return out
     run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
     try:
         code, _ = run.wait(timeout_s=600)

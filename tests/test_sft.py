@@ -18,13 +18,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from maye_pl.cli import main as maye_pl_main
 from maye_pl.data import MayeDataModule, generate_geometry_dataset
 from maye_pl.evaluation import MetricsFileCallback, read_metrics
 from maye_pl.optim import OptimArgs
 from maye_pl.sft import SFT
 
-from cli_runs import engine_processes_started_in, run_maye_pl
+from cli_runs import engine_processes_started_in, run_maye_pl_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +104,8 @@ def test_a_few_steps_overfit_eight_samples(tiny_model_dir, train_path, tmp_path)
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_sft_demo_fit_through_vllm_and_report(tmp_path):
-    run_maye_pl(
+    # Through the CLI's entry point in this process (fresh `fit` processes: tests/test_cli.py).
+    run_maye_pl_here(
         "fit", "--config", str(REPO / "configs/sft_demo.yaml"),
         "--model.eval_max_tokens", "16",
         "--data.max_eval_samples", "2",
@@ -129,8 +129,7 @@ def test_sft_demo_fit_through_vllm_and_report(tmp_path):
     assert len(losses) == 2 and abs(losses[0] - math.log(vocab)) < 1.0
     assert "val_pass@8_t1.0_step2.jsonl" in {p.name for p in (run_dir / "predictions").iterdir()}
 
-    # `python -m maye_pl report` is this same entry point; in-process it spares a second start-up.
-    maye_pl_main(["report", str(run_dir), "--out", str(tmp_path / "report")])
+    run_maye_pl_here("report", str(run_dir), "--out", str(tmp_path / "report"), cwd=tmp_path)
     table = (tmp_path / "report" / "table.md").read_text()
     assert "val/pass@8_t1.0" in table and "test/pass@1_t0.01" in table
     assert engine_processes_started_in(tmp_path) == [], "an engine process outlived its run"

@@ -38,12 +38,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maye_pl.cli import main
 from maye_pl.evaluation.metrics_file import read_metrics
 from maye_pl.rollout.vllm_host import HOST_PROCESS_NAME
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from cli_runs import RunningFit, fit_command, fit_workdir  # noqa: E402
+from cli_runs import RunningFit, fit_command, fit_workdir, run_maye_pl_here  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +63,8 @@ def _stopped_before_the_engine(capfd: pytest.CaptureFixture, workdir: Path, name
     imports; the whole-process paths are the other tests'), from this directory's files: a user
     error, so its message on stderr, exit status 2, no traceback and no engine. Returns stderr."""
     args, _, _ = fit_command(workdir, name, *extra)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.setattr("sys.argv", ["maye_pl"])  # the command line is `args` alone
-        with pytest.raises(SystemExit) as exited:
-            main(args[args.index("fit"):])
+    with pytest.raises(SystemExit) as exited:
+        run_maye_pl_here(*args[args.index("fit"):], cwd=workdir)
     output = capfd.readouterr()
     assert exited.value.code == 2, output.err[-4000:]  # a user error: its message, no traceback
     assert "Traceback" not in output.out + output.err
