@@ -19,9 +19,11 @@ per family; pytest groups the tests by family, so each family's fixtures are bui
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import maye_pl  # noqa: F401  (applies the torchvision shim before transformers/vLLM import it)
 from maye_pl.models.adapters import ADAPTERS
@@ -36,10 +38,18 @@ FAMILIES = tuple(ADAPTERS)  # ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 ENGINE_FAMILIES = FAMILIES[:3]
 
 
+# One torch (OpenMP) thread in each test process and in the processes the tests start (fits,
+# ranks, engines inherit the variable): two workers share the two cores, and two-thread pools
+# beside each other oversubscribe them, every parallel region then waiting on a descheduled thread
+# (test_sft's 8-sample overfit: 0.6 s alone, 15 s beside the other worker).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # The suite runs on two workers, a test file each at a time (setup.cfg: `-n 2 --dist loadfile
 # --no-loadscope-reorder`). Its longest files (real `fit` processes and engines; seconds measured
-# idle at 9d9b2f5) go first, longest first, so the workers start on them and the quick files fill
-# in behind: in collection order they came last and one worker ran them alone.
+# idle, one process, at 9d9b2f5) go first, longest first, so the workers start on them and the
+# quick files fill in behind (xdist's own order, most tests first, left test_resume.py to run last,
+# alone on one worker: 884 s instead of 707 s).
 LONGEST_FILES = (
     "test_resume.py",  # 210 s
     "test_fsdp2_training.py",  # 138 s

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -56,7 +55,7 @@ from maye_pl.rollout.remote import (
     parse_address,
     set_receive_timeout,
 )
-from maye_pl.rollout.vllm_host import START_REQUEST_ID, HostProcess, host_environment, spawn_host
+from maye_pl.rollout.vllm_host import START_REQUEST_ID, HostProcess, StartRequest, host_environment, spawn_host
 
 logger = logging.getLogger("maye_pl.engine_server")
 
@@ -145,9 +144,9 @@ class EngineServer:
         finally:
             conn.close()  # a handed-over engine host holds its own descriptor
 
-    def _admit(self, conn: Connection, peer: str, interface: str) -> tuple[int, dict[str, Any], str] | None:
-        """The handshake, then the client's start request ``(request id, engine arguments, log
-        level)``; None when the client was refused or dropped (logged)."""
+    def _admit(self, conn: Connection, peer: str, interface: str) -> tuple[int, StartRequest] | None:
+        """The handshake, then the client's start request ``(request id, request)``; None when the
+        client was refused or dropped (logged)."""
         try:
             set_receive_timeout(conn, HANDSHAKE_TIMEOUT_S)
             authenticate_client(conn, self.key)
@@ -168,16 +167,15 @@ class EngineServer:
         if op == "shutdown":  # it only looked whether the server is up
             logger.info("%s left before asking for an engine", peer)
             return None
-        engine_args, log_level = payload if op == "start" and isinstance(payload, tuple) and len(payload) == 2 else (None, None)
-        if not isinstance(engine_args, dict) or "model" not in engine_args:
+        if op != "start" or not isinstance(payload, StartRequest) or "model" not in payload.engine_args:
             logger.warning("dropped %s: its first request was not a start request (%r)", peer, op)
             return None
-        return request_id, engine_args, log_level
+        return request_id, payload
 
-    def _start(self, conn: Connection, peer: str, request_id: int, engine_args: dict[str, Any], log_level: str) -> None:
+    def _start(self, conn: Connection, peer: str, request_id: int, request: StartRequest) -> None:
         """Hand the client to the warm engine host, which starts the engine and answers the start
         request; an unreadable model path is refused here, before any engine starts."""
-        model = engine_args["model"]
+        model = request.engine_args["model"]
         problem = unreadable_model(model)
         if problem is not None:
             conn.send((request_id, "refused", (
@@ -192,7 +190,7 @@ class EngineServer:
             host.stop(grace_s=0.0)
             host = self._spawn_host()
         try:
-            host.conn.send((request_id, "serve_client", (engine_args, self._host_environment(log_level))))
+            host.conn.send((request_id, "serve_client", request.with_env(self._host_environment(request.log_level))))
             send_handle(host.conn, conn.fileno(), host.pid)  # right behind the message that receives it
         except OSError:
             host.stop(grace_s=0.0)
@@ -204,7 +202,7 @@ class EngineServer:
         self.client = _Client(host, peer, time.monotonic(), watched)
         self._poller.register(host.process.sentinel, select.POLLIN)
         self._poller.register(watched, select.POLLRDHUP)  # not POLLIN: the host reads the requests
-        logger.info("serving %s: %s (%s) on %s, engine host pid %d", peer, model, engine_args["dtype"],
+        logger.info("serving %s: %s (%s) on %s, engine host pid %d", peer, model, request.engine_args["dtype"],
                     self.device, host.pid)
 
     def _client_left(self) -> None:

@@ -36,6 +36,7 @@ from maye_pl.rollout.remote import connect_engine_server, remote_engine_problems
 from maye_pl.rollout.rpc import EngineRPC, VLLMEngineError
 from maye_pl.rollout.vllm_host import (
     START_REQUEST_ID,
+    StartRequest,
     host_environment,
     spawn_host,
     take_prestarted_host,
@@ -130,10 +131,10 @@ class VLLMEngine:
         self.startup_seconds: float | None = None
         self._started = time.perf_counter()
         if remote is None:
-            model, host_settings = self._spawn_host(device, tensor_parallel_size, trainer_devices, allow_shared,
-                                                    weight_transport, log_level)
+            env = self._spawn_host(device, tensor_parallel_size, trainer_devices, allow_shared, weight_transport,
+                                   log_level)
         else:
-            model, host_settings = self._connect(remote, name, tensor_parallel_size, weight_transport, log_level)
+            self._connect(remote, name, tensor_parallel_size, weight_transport)
         self._finalizer = weakref.finalize(self, self._host.stop)
         pid = f", pid {self._host.pid}" if self._host.pid is not None else ""
         self.rpc = EngineRPC(self._host, f"{name} {self.location}{pid}", on_fatal=self.shutdown,
@@ -142,22 +143,25 @@ class VLLMEngine:
                                 "group_timeout_s": weight_group_timeout_s, "workers": tensor_parallel_size}
         self.pusher = make_pusher(weight_transport, self.rpc, **self._pusher_options)
         engine_args = vllm_engine_args(
-            model, self.device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+            # The engine's process may run in another working directory (a prestarted host keeps its
+            # own; an engine server reads the same absolute path on its machine).
+            self._absolute_model_path(), self.device, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len, seed=seed,
             enforce_eager=enforce_eager, limit_mm_per_prompt=limit_mm_per_prompt, max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             llm_kwargs=llm_kwargs,
         )
         # The host loads the model once it has imported vLLM (maybe already done: prestarted).
-        # An engine server's machine is its own: only a local host is pinned to cores.
-        start = (engine_args, host_settings) if remote is not None else (engine_args, host_settings, cpu_cores)
+        # An engine server's machine is its own: its environment, every core.
+        start = (StartRequest(engine_args, log_level) if remote is not None
+                 else StartRequest(engine_args, log_level, env=env, cpu_cores=cpu_cores))
         self.rpc.send("start", start, request_id=START_REQUEST_ID)
         if wait:
             self.wait_ready()
 
     def _spawn_host(self, device: str, tensor_parallel_size: int, trainer_devices: int, allow_shared: bool,
-                    weight_transport: str, log_level: str) -> tuple[str, dict[str, str]]:
-        """Place the engine, adopt or spawn its host; returns the start request's model and environment."""
+                    weight_transport: str, log_level: str) -> dict[str, str]:
+        """Place the engine, adopt or spawn its host; returns the engine's environment."""
         [self.device] = engine_devices(
             device, tensor_parallel_size=tensor_parallel_size, trainer_devices=trainer_devices,
             visible_gpus=torch.cuda.device_count(), allow_shared=allow_shared,
@@ -166,13 +170,11 @@ class VLLMEngine:
         env = host_environment(self.device, log_level)
         self._host = take_prestarted_host(self.device) or spawn_host(env, self.device)
         self.location = f"on {self.device}"
-        # A prestarted host keeps the working directory it started in, maybe not this one.
-        return self._absolute_model_path(), env
+        return env
 
-    def _connect(self, remote: str, name: str, tensor_parallel_size: int, weight_transport: str,
-                 log_level: str) -> tuple[str, str]:
+    def _connect(self, remote: str, name: str, tensor_parallel_size: int, weight_transport: str) -> None:
         """Connect to the engine server at ``remote`` (its engine runs on its device, in its
-        environment); returns the start request's model and log level."""
+        environment)."""
         problems = remote_engine_problems(weight_transport, tensor_parallel_size)
         if problems:
             raise ConfigError(" ".join(problems))
@@ -180,12 +182,9 @@ class VLLMEngine:
         self._host = connect_engine_server(remote, name)
         self.device = self._host.device
         self.location = f"on {self.device} at the engine server {remote}"
-        # The server reads the path on its machine: the same absolute path there.
-        return self._absolute_model_path(), log_level
 
     def _absolute_model_path(self) -> str:
-        """The model path for the engine's process: a local path made absolute (that process may
-        run in another working directory), anything else (a hub id) as given."""
+        """A local model path made absolute, anything else (a hub id) as given."""
         path = Path(self.model_path)
         return str(path.resolve()) if path.exists() else self.model_path
 

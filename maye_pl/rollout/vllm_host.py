@@ -17,8 +17,8 @@ the host's shim, starts in ~3 s instead of ~25 s on CPU, and the host is the onl
 up. The one subprocess vLLM still runs (model inspection) is pointed at a command that imports
 ``maye_pl`` first (``vllm_imports``).
 
-Start: the host imports vLLM first, then waits for the "start" request with the engine's
-arguments. ``python -m maye_pl fit`` (on a machine without GPUs) starts a host before importing
+Start: the host imports vLLM first, then waits for the "start" request (a ``StartRequest``: the
+engine's arguments, environment and cores). ``python -m maye_pl fit`` (on a machine without GPUs) starts a host before importing
 the CLI (``prestart_host``), so vLLM's import overlaps the trainer's and the first CPU engine
 adopts that host.
 
@@ -32,8 +32,9 @@ Messages: the trainer sends ``(request id, op, payload)`` and the host answers e
 connection (a Pipe here; any ``multiprocessing.connection.Connection`` works).
 
 An engine server (``engine_server.py``) runs the same host: instead of "start" its first message
-is "serve_client" with the engine's arguments, followed by the client's socket (SCM_RIGHTS); the
-host then starts the engine and serves that socket until the client leaves, and exits.
+is "serve_client" with the client's ``StartRequest`` (completed with the server's environment),
+followed by the client's socket (SCM_RIGHTS); the host then starts the engine and serves that
+socket until the client leaves, and exits.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import os
 import signal
 import sys
 import traceback
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +65,28 @@ START_REQUEST_ID = 0
 SHUTDOWN_REQUEST_ID = -1
 """The id of the "shutdown" request, which nobody waits for."""
 _PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """The "start" request's payload: what the engine runs and where.
+
+    A local host gets the engine's environment and CPU cores from its trainer. An engine server's
+    machine is its own: a trainer sends it only the log level, and the server fills in its
+    environment (``with_env``) before handing the request to its host.
+    """
+
+    engine_args: dict[str, Any]
+    """``vllm.LLM``'s keyword arguments (``vllm_engine.vllm_engine_args``)."""
+    log_level: str
+    """vLLM's log level (``rollout.log_level``)."""
+    env: dict[str, str] | None = None
+    """The engine's environment (``host_environment``); None until the engine's machine sets it."""
+    cpu_cores: tuple[int, ...] | None = None
+    """Cores to pin the engine to (a CPU engine beside a pipelined trainer); None: every core."""
+
+    def with_env(self, env: dict[str, str]) -> StartRequest:
+        return replace(self, env=env)
 
 
 class HostProcess:
@@ -233,7 +257,7 @@ def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
     try:
         if import_error is not None:
             raise RuntimeError(f"importing vLLM failed:\n{import_error}")
-        llm, rules = start_engine(*payload)
+        llm, rules = start_engine(payload)
     except BaseException:
         _reply(conn, (request_id, "error", traceback.format_exc()))
         return
@@ -243,22 +267,22 @@ def _host_main(conn, env: dict[str, str], parent_pid: int, device: str) -> None:
     os._exit(0)
 
 
-def start_engine(engine_args: dict[str, Any], engine_env: dict[str, str], cpu_cores: tuple[int, ...] | None = None):
-    """``(vllm.LLM, GenerationRules)`` for the "start" request's arguments, in the engine's own
-    environment (a prestarted host's was provisional), on ``cpu_cores`` if given."""
+def start_engine(request: StartRequest):
+    """``(vllm.LLM, GenerationRules)`` for a "start" request, in the engine's own environment (a
+    prestarted host's was provisional), on its cores if it names them."""
     from vllm import LLM
 
     from maye_pl.rollout.vllm_imports import set_vllm_log_level
     from maye_pl.rollout.vllm_requests import generation_rules
 
     os.environ.clear()
-    os.environ.update(engine_env)
-    set_vllm_log_level(engine_env["VLLM_LOGGING_LEVEL"])
-    if cpu_cores:
+    os.environ.update(request.env)
+    set_vllm_log_level(request.log_level)
+    if request.cpu_cores:
         # Before vLLM's CPU worker exists: it replaces torch.set_num_threads with a no-op stub.
-        pin_process(cpu_cores)
-    llm = LLM(**engine_args)
-    return llm, generation_rules(llm, engine_args["model"])
+        pin_process(request.cpu_cores)
+    llm = LLM(**request.engine_args)
+    return llm, generation_rules(llm, request.engine_args["model"])
 
 
 def serve(conn, llm, rules) -> None:

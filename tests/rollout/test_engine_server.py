@@ -33,7 +33,7 @@ from maye_pl.rollout import engine_server
 from maye_pl.rollout.remote import KEY_ENV, PROTOCOL, REFUSED, connect_engine_server, parse_address
 from maye_pl.rollout.rpc import EngineRefusedError
 from maye_pl.rollout.vllm_engine import VLLMEngine, vllm_engine_args
-from maye_pl.rollout.vllm_host import START_REQUEST_ID
+from maye_pl.rollout.vllm_host import START_REQUEST_ID, StartRequest
 
 from cli_runs import RunningFit, fit_command, fit_workdir
 
@@ -149,7 +149,7 @@ def test_a_trainer_that_hangs_up_mid_start_frees_the_server_within_seconds(serve
     engine_args = vllm_engine_args(str(workdir / "tiny"), trainer.device, dtype="float32", tensor_parallel_size=1,
                                    max_model_len=1024, seed=0, enforce_eager=True, limit_mm_per_prompt=1, max_num_seqs=8,
                                    gpu_memory_utilization=0.8, kv_cache_memory_bytes=2**28, llm_kwargs=None)
-    trainer.conn.send((START_REQUEST_ID, "start", (engine_args, "warning")))
+    trainer.conn.send((START_REQUEST_ID, "start", StartRequest(engine_args, "warning")))
     server.wait_for(r"serving 127\.0\.0\.1:\d+", after=start)
     trainer.conn.close()
     closed = time.monotonic()
