@@ -277,7 +277,7 @@ def start_engine(request: StartRequest):
 
     os.environ.clear()
     os.environ.update(request.env)
-    set_vllm_log_level(request.log_level)
+    set_vllm_log_level(request.env["VLLM_LOGGING_LEVEL"])
     if request.cpu_cores:
         # Before vLLM's CPU worker exists: it replaces torch.set_num_threads with a no-op stub.
         pin_process(request.cpu_cores)
