@@ -1,6 +1,6 @@
 # Quick start on a machine with Python 3.10+ and make:
 #   make demo    the CPU demo (configs/demo.yaml)
-#   make test    the test suite (plain pytest; `make test PYTEST_ARGS='-m "not slow"'` passes flags)
+#   make test    the test suite (pytest on 2 workers; `make test PYTEST_ARGS='-m "not slow"'` passes flags)
 # Both create .venv on first use with the README's manual install, and reinstall only when
 # setup.cfg or pyproject.toml change (the stamp file records the last install).
 

@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU: run them on a GPU node with ``pytest -m gpu``.
+"""Checks that need a CUDA GPU: run them on a GPU node with ``pytest -m gpu -n 0`` (one process: the
+GPU is not shared between two workers).
 
 They are deselected on CPU machines (``addopts`` has ``-m "not gpu"``). The first ones need no
 vLLM (the engine is the HF one, beside the trainer on the same GPU); the engine-group ones need
