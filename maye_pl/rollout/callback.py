@@ -23,7 +23,7 @@ from maye_pl.rollout.dynamic_sampling import DynamicSampling, FillStats
 from maye_pl.rollout.group_comm import GroupComm
 from maye_pl.rollout.groups import EngineGroups
 from maye_pl.rollout.pipeline import RolloutPipeline, StepRollouts
-from maye_pl.rollout.placement import engine_devices
+from maye_pl.rollout.placement import engine_devices, engines_on_cpu
 from maye_pl.rollout.remote import check_remote_count, remote_problems
 from maye_pl.rollout.weight_transport import check_transport
 from maye_pl.strategies.weight_sync import SyncStats
@@ -190,8 +190,7 @@ class RolloutCallback(pl.Callback):
             check_remote_count(self.remote_engines, self.num_engines, trainer.num_nodes)
         comm = GroupComm(EngineGroups(trainer.world_size, trainer.num_nodes, self.num_engines))
         engine_cpu_cores = None
-        requested = self.device if isinstance(self.device, list) else [self.device]
-        on_cpu = all(d == "cpu" or (d == "auto" and not torch.cuda.is_available()) for d in requested)
+        on_cpu = engines_on_cpu(self.device, torch.cuda.device_count())
         if self.engine_kind == "vllm" and on_cpu and not self.remote_engines:
             # Both on this CPU: pipelined, they compute at once, each on cores of its own.
             engine_cpu_cores, self._placement_before = place_trainer_beside_cpu_engine(

@@ -99,6 +99,13 @@ def engine_devices(
     return devices
 
 
+def engines_on_cpu(requested: str | Sequence[str], visible_gpus: int) -> bool:
+    """Whether ``rollout.device`` puts every engine on the CPU, as ``engine_devices`` resolves it
+    (``"auto"`` does on a machine without GPUs), before that function's checks."""
+    entries = [requested] if isinstance(requested, str) else list(requested)
+    return all(entry == "cpu" or (entry == "auto" and not visible_gpus) for entry in entries)
+
+
 def _one_engine(requested: str, tp: int, trainer_devices: int, visible_gpus: int, allow_shared: bool) -> str:
     """One engine's device, checked: ``"cpu"`` or ``"cuda:N,..."`` with exactly ``tp`` GPUs."""
     if requested == "cpu":

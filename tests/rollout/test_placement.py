@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from maye_pl.rollout.placement import engine_devices, engine_environment
+from maye_pl.rollout.placement import engine_devices, engine_environment, engines_on_cpu
 
 
 @pytest.mark.parametrize(
@@ -92,3 +92,17 @@ def test_engine_environment_maps_through_the_parents_visible_devices():
 
 def test_cpu_engine_sees_no_gpu():
     assert engine_environment("cpu", TRAINER_ENV)["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.parametrize(("requested", "visible_gpus", "expected"), [
+    ("auto", 0, True), ("auto", 8, False), ("cpu", 8, True), ("cuda:7", 8, False),
+    (["cpu", "cpu"], 8, True), (["cpu", "cuda:7"], 8, False),
+])
+def test_engines_on_cpu_agrees_with_engine_devices(requested, visible_gpus, expected):
+    """The trainer divides the CPU cores with its engines exactly when engine_devices puts them all
+    on the CPU."""
+    assert engines_on_cpu(requested, visible_gpus) == expected
+    engines = 1 if isinstance(requested, str) else len(requested)
+    devices = engine_devices(requested, num_engines=engines, trainer_devices=7 if visible_gpus else 0,
+                             visible_gpus=visible_gpus)
+    assert all(device == "cpu" for device in devices) == expected
