@@ -18,9 +18,9 @@ up. The one subprocess vLLM still runs (model inspection) is pointed at a comman
 ``maye_pl`` first (``vllm_imports``).
 
 Start: the host imports vLLM first, then waits for the "start" request (a ``StartRequest``: the
-engine's arguments, environment and cores). ``python -m maye_pl fit`` (on a machine without GPUs) starts a host before importing
-the CLI (``prestart_host``), so vLLM's import overlaps the trainer's and the first CPU engine
-adopts that host.
+engine's arguments, environment and cores). ``python -m maye_pl fit`` (on a machine without GPUs)
+starts a host before importing the CLI (``prestart_host``), so vLLM's import overlaps the
+trainer's and the first CPU engine adopts that host.
 
 Lifetime: ``HostProcess.stop`` asks the host to exit and then kills whatever is left of its
 process tree. If the trainer dies without cleaning up (SIGKILL, SIGTERM), the kernel kills the
