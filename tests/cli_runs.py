@@ -1,7 +1,8 @@
 """Helpers for tests that run `python -m maye_pl fit` in real processes (test_resume, tests/faults).
 
 - ``fit_workdir``: a directory with what ``fit_command`` trains on (the tiny model, a geometry set).
-- ``fit_command``: a tiny demo `fit` (2 prompts x 2 samples per step, 12 new tokens, no validation)
+- ``fit_command``: the arguments of a tiny demo `fit` (2 prompts x 2 samples per step, 12 new
+  tokens, no validation; after ``MAYE_PL`` for a fresh process, alone for ``run_maye_pl_here``)
   that records each step's prompt ids as the step starts (``PromptIdsRecorder``), with the
   console a user gets (the default progress bar and summary).
 - ``RunningFit``: such a run in the background, in its own session, to signal it mid-step or
@@ -37,6 +38,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+MAYE_PL = [sys.executable, "-m", "maye_pl"]
+"""What starts maye_pl in a fresh interpreter; the subcommand and its arguments follow."""
+
+
+def tests_on_path() -> dict[str, str]:
+    """This environment with tests/ on PYTHONPATH, so that a fresh `fit` imports the tests' rewards
+    and callbacks by their import paths (``test_learning.letter_share_reward``, ``cli_runs.…``)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 def has_letter_e(responses: list[str], samples: list[dict]) -> torch.Tensor:
@@ -82,12 +91,13 @@ def fit_workdir(root: Path, n_train: int) -> Path:
 
 
 def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict[str, str], Path]:
-    """The `fit` command line on ``tmp_path``'s tiny model and geometry set, its environment and its
-    output directory ``tmp_path/name`` (created; prompt ids land there, metrics in runs/demo/name)."""
+    """The `fit` arguments on ``tmp_path``'s tiny model and geometry set (from the subcommand on), its
+    environment and its output directory ``tmp_path/name`` (created; prompt ids land there, metrics
+    in runs/demo/name)."""
     out = tmp_path / name
     out.mkdir()
     args = [
-        sys.executable, "-m", "maye_pl", "fit", "--config", str(REPO / "configs/demo.yaml"),
+        "fit", "--config", str(REPO / "configs/demo.yaml"),
         "--demo_assets", "false", "--model.model_path", str(tmp_path / "tiny"),
         "--data.train_path", str(tmp_path / "geo/train.jsonl"), "--data.val_path", "null", "--data.test_path", "null",
         "--model.validate_before_fit", "false", "--trainer.limit_val_batches", "0",
@@ -100,8 +110,7 @@ def fit_command(tmp_path: Path, name: str, *extra: str) -> tuple[list[str], dict
         "--trainer.callbacks+=cli_runs.PromptIdsRecorder", "--trainer.callbacks.out_dir", str(out),
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    return args, env, out
+    return args, tests_on_path(), out
 
 
 class RunningFit:
@@ -121,7 +130,7 @@ class RunningFit:
         self._paths = [self.out / ("output.txt" if node == 0 else f"output_node{node}.txt") for node in range(nodes)]
         self._outputs = [open(path, "w") for path in self._paths]
         self.processes = [
-            subprocess.Popen(args, cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            subprocess.Popen([*MAYE_PL, *args], cwd=cwd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                              env={**env, **({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                              "NODE_RANK": str(node)} if nodes > 1 else {})})
             for node, output in enumerate(self._outputs)
@@ -202,8 +211,8 @@ class RunningFit:
 
 
 def run_maye_pl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m maye_pl *args`` in ``cwd`` to its end; asserts it exited 0."""
-    result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=cwd, capture_output=True, text=True,
+    """``python -m maye_pl *args`` in ``cwd`` (tests/ on its path) to its end; asserts it exited 0."""
+    result = subprocess.run([*MAYE_PL, *args], cwd=cwd, env=tests_on_path(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"maye_pl {args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result

@@ -31,9 +31,6 @@ transport under FSDP2 and for the pipe transport in one process.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +40,7 @@ from maye_pl.data import generate_geometry_dataset
 from maye_pl.export import read_checkpoint
 from maye_pl.models.loading import load_policy
 
-from cli_runs import run_maye_pl_here
+from cli_runs import run_maye_pl, run_maye_pl_here
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,10 +85,7 @@ def _fit(tmp_path: Path, name: str, train: Path, model: Path, *extra: str, confi
     if here:
         run_maye_pl_here(*args, cwd=tmp_path)
     else:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-        result = subprocess.run([sys.executable, "-m", "maye_pl", *args], cwd=tmp_path, env=env, capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
+        run_maye_pl(*args, cwd=tmp_path)
     [run_dir] = (tmp_path / "runs").glob(f"*/{name}")  # runs/<the config's logger name>/<name>
     return next((run_dir / "checkpoints").glob("*.ckpt"))
 

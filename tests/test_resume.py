@@ -97,7 +97,7 @@ def _fit(tmp_path: Path, name: str, *extra: str) -> Path:
     fresh process there: a fresh interpreter adds only its imports to the others)."""
     if _nodes(extra) == 1:
         args, _, out = _fit_command(tmp_path, name, *extra)
-        run_maye_pl_here(*args[args.index("fit"):], cwd=tmp_path)
+        run_maye_pl_here(*args, cwd=tmp_path)
         return out
     run = RunningFit(_fit_command(tmp_path, name, *extra), cwd=tmp_path, nodes=_nodes(extra))
     try:

@@ -64,7 +64,7 @@ def _stopped_before_the_engine(capfd: pytest.CaptureFixture, workdir: Path, name
     error, so its message on stderr, exit status 2, no traceback and no engine. Returns stderr."""
     args, _, _ = fit_command(workdir, name, *extra)
     with pytest.raises(SystemExit) as exited:
-        run_maye_pl_here(*args[args.index("fit"):], cwd=workdir)
+        run_maye_pl_here(*args, cwd=workdir)
     output = capfd.readouterr()
     assert exited.value.code == 2, output.err[-4000:]  # a user error: its message, no traceback
     assert "Traceback" not in output.out + output.err

@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -35,7 +34,7 @@ from maye_pl.rollout.rpc import EngineRefusedError
 from maye_pl.rollout.vllm_engine import VLLMEngine, vllm_engine_args
 from maye_pl.rollout.vllm_host import START_REQUEST_ID, StartRequest
 
-from cli_runs import RunningFit, fit_command, fit_workdir
+from cli_runs import MAYE_PL, RunningFit, fit_command, fit_workdir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -77,7 +76,7 @@ def server(workdir: Path):
     log = workdir / "server.log"
     with open(log, "w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "maye_pl", "engine", "--listen", "127.0.0.1:0", "--device", "cpu"],
+            [*MAYE_PL, "engine", "--listen", "127.0.0.1:0", "--device", "cpu"],
             env={**os.environ, KEY_ENV: KEY}, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = Server(process, "", log)
@@ -161,7 +160,7 @@ def _wrong_key_fit(server: Server, workdir: Path) -> subprocess.Popen:
     """A demo `fit` for the server with another key (started beside the served fit: its ~9 s of
     imports overlap that run's)."""
     args, env, _ = fit_command(workdir, "wrong_key", "--rollout.remote_engines", f'["{server.address}"]')
-    return subprocess.Popen(args, cwd=workdir, env={**env, KEY_ENV: "not-the-key", "PYTHONUNBUFFERED": "1"},
+    return subprocess.Popen([*MAYE_PL, *args], cwd=workdir, env={**env, KEY_ENV: "not-the-key", "PYTHONUNBUFFERED": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
