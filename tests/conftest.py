@@ -56,7 +56,7 @@ LONGEST_FILES = (
     "test_faults.py",  # 125 s
     "test_vllm_engine.py",  # 100 s
     "test_cli.py",  # 55 s
-    "test_learning.py",  # 39 s
+    "test_learning.py",  # 52 s
     "test_engine_server.py",  # 38 s
     "test_sft.py",  # 32 s
 )
