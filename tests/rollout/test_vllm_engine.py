@@ -199,7 +199,8 @@ def test_an_engine_killed_mid_transfer_fails_the_sync_within_seconds(tiny_model_
 
 
 _OWNER = textwrap.dedent("""
-    import os, sys
+    import faulthandler, os, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is stuck, if it is
     from maye_pl.types import RolloutRequest, SamplingConfig
     from maye_pl.rollout.vllm_engine import VLLMEngine, VLLMEngineError
 
@@ -234,10 +235,11 @@ def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
     for ending in ("ctrl-c", "sigterm"):
         pid_file = tmp_path / f"{ending}.pid"
         command = [sys.executable, str(script), str(tiny_model_dir), str(pid_file)]
-        process = subprocess.Popen(  # on every core, whatever placement this test process holds
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count())),
-        )
+        with open(tmp_path / f"{ending}.log", "w") as log:
+            process = subprocess.Popen(  # on every core, whatever placement this test process holds
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count())),
+            )
         owners[ending] = (process, pid_file)
     try:
         deadline = time.monotonic() + 180
@@ -255,7 +257,13 @@ def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
         os.killpg(owners["ctrl-c"][0].pid, signal.SIGINT)
         os.kill(owners["sigterm"][0].pid, signal.SIGTERM)
         for ending, (process, _) in owners.items():
-            process.wait(timeout=60)  # a loaded 2-core machine: the owner's exit takes seconds, not minutes
+            try:
+                process.wait(timeout=60)  # a loaded 2-core machine: the owner's exit takes seconds, not minutes
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGUSR1)  # its threads' stacks, into its log
+                time.sleep(2)
+                raise AssertionError(f"the {ending} owner did not exit within 60 s; its output:\n"
+                                     f"{(tmp_path / f'{ending}.log').read_text()[-6000:]}") from None
             _, alive = psutil.wait_procs(family[ending], timeout=10)
             assert not alive, f"engine processes outlived their owner ({ending}): {alive}"
     finally:
