@@ -20,6 +20,7 @@ per family; pytest groups the tests by family, so each family's fixtures are bui
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,11 @@ ENGINE_FAMILIES = FAMILIES[:3]
 # (test_sft's 8-sample overfit: 0.6 s alone, 15 s beside the other worker).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+# Ctrl-C as from a terminal, however pytest was started: a background job of a non-interactive
+# shell (how CI and scripts often start it) begins with SIGINT ignored, and every process a test
+# starts would inherit that. A Python handler is reset to the default in a process a test starts.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The suite runs on two workers, a test file each at a time (setup.cfg: `-n 2 --dist loadfile
 # --no-loadscope-reorder`). Its longest files (real `fit` processes and engines; seconds measured
