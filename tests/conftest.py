@@ -46,11 +46,6 @@ ENGINE_FAMILIES = FAMILIES[:3]
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
-# Ctrl-C as from a terminal, however pytest was started: a background job of a non-interactive
-# shell (how CI and scripts often start it) begins with SIGINT ignored, and every process a test
-# starts would inherit that. A Python handler is reset to the default in a process a test starts.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-
 # The suite runs on two workers, a test file each at a time (setup.cfg: `-n 2 --dist loadfile
 # --no-loadscope-reorder`). Its longest files (real `fit` processes and engines; seconds measured
 # idle, one process, at 9d9b2f5) go first, longest first, so the workers start on them and the
@@ -110,6 +105,15 @@ def _requests(processor, family: str) -> list:
 def rollout_requests(tiny_processor) -> list:
     """Two image prompts of different sizes (4 and 12 vision tokens) and a text-only prompt."""
     return _requests(tiny_processor, DEFAULT_TINY_MODEL_TYPE)
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_from_a_terminal() -> None:
+    """Each test starts with Ctrl-C at Python's default, and so do the processes it starts (a Python
+    handler is reset to the default in a new program). Otherwise they would inherit SIGINT ignored:
+    from a pytest started as a background job of a non-interactive shell (how CI and scripts often
+    start it), or from an in-process fit earlier on the same xdist worker (seen, cause not found)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

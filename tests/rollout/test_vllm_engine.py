@@ -224,15 +224,6 @@ _OWNER = textwrap.dedent("""
     """)
 
 
-def _as_from_a_terminal() -> None:
-    """In an owner before it starts: every core, whatever placement this test process holds, and
-    Ctrl-C at its default, whatever this process does with it (a pytest started as a background
-    job ignores SIGINT; seen too after in-process fits on an xdist worker), which the owner would
-    inherit and so never stop."""
-    os.sched_setaffinity(0, range(os.cpu_count()))
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
     """Two owners, each with an engine that raised an error and is now busy generating, end
     without shutdown(): one by Ctrl-C (SIGINT to its whole process group, engine included: the
@@ -246,8 +237,10 @@ def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
         pid_file = tmp_path / f"{ending}.pid"
         command = [sys.executable, str(script), str(tiny_model_dir), str(pid_file)]
         with open(tmp_path / f"{ending}.log", "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_as_from_a_terminal)
+            process = subprocess.Popen(  # on every core, whatever placement this test process holds
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count())),
+            )
         owners[ending] = (process, pid_file)
     try:
         deadline = time.monotonic() + 180
@@ -265,7 +258,8 @@ def test_no_engine_process_outlives_its_owner(tiny_model_dir, tmp_path):
         status = Path(f"/proc/{owners['ctrl-c'][0].pid}/status").read_text()
         ignored = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
         assert not int(ignored.split()[1], 16) & 1 << (signal.SIGINT - 1), (
-            "the ctrl-c owner ignores SIGINT: it would never stop")
+            "the ctrl-c owner ignores SIGINT (inherited from this process: see conftest's "
+            "ctrl_c_as_from_a_terminal); it would never stop")
         os.killpg(owners["ctrl-c"][0].pid, signal.SIGINT)
         os.kill(owners["sigterm"][0].pid, signal.SIGTERM)
         for ending, (process, _) in owners.items():
